@@ -1,0 +1,164 @@
+"""The one cost model: shapes, forward FLOPs, output bytes and saved-for-backward bytes per node, and a
+networkx view of the graph. Passes and the report read these; none re-derives them.
+
+Units: FLOPs are floating-point operations of one forward (a multiply-add is 2); matmul, convolution
+and attention are counted by ``torch.utils.flop_counter.FlopCounterMode``, every other op costs one
+per output element (a proxy for its memory-bound work). Bytes are bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from .program import Program
+
+
+@dataclass
+class NodeCost:
+    """What one node costs. ``saved_bytes`` are bytes autograd saved for backward while running it,
+    counting each storage once (at the first node that saved it) and never parameters or buffers."""
+
+    shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+    flops: int = 0
+    output_bytes: int = 0
+    saved_bytes: int = 0
+
+
+@dataclass
+class Analysis:
+    """Per-node costs (keyed by node name) and totals for a Program."""
+
+    costs: dict[str, NodeCost] = field(default_factory=dict)
+
+    @property
+    def total_flops(self) -> int:
+        """Forward FLOPs of the whole graph."""
+        return sum(c.flops for c in self.costs.values())
+
+    @property
+    def saved_activation_bytes(self) -> int:
+        """Bytes autograd keeps for backward after one forward (activations, not parameters)."""
+        return sum(c.saved_bytes for c in self.costs.values())
+
+    def __getitem__(self, node: torch.fx.Node | str) -> NodeCost:
+        return self.costs[node if isinstance(node, str) else node.name]
+
+
+def _tensor_bytes(value: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, str]:
+    return (tensor.untyped_storage().data_ptr(), str(tensor.device))
+
+
+class _CostInterpreter(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, costs: dict[str, NodeCost], excluded: set) -> None:
+        super().__init__(gm)
+        self.costs = costs
+        self.seen_storages = excluded
+        self.current: NodeCost | None = None
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        cost = NodeCost()
+        self.current = cost
+        counter = FlopCounterMode(display=False) if node.op in ("call_function", "call_method", "call_module") \
+            else contextlib.nullcontext()
+        with counter:
+            result = super().run_node(node)
+        self.current = None
+        if isinstance(counter, FlopCounterMode):
+            counted = counter.get_total_flops()
+            cost.flops = int(counted) if counted else _elements(result)
+        cost.output_bytes = _tensor_bytes(result)
+        if isinstance(result, torch.Tensor):
+            cost.shape, cost.dtype = tuple(result.shape), result.dtype
+            node.meta["effcompile_shape"] = cost.shape
+            node.meta["effcompile_dtype"] = cost.dtype
+        self.costs[node.name] = cost
+        return result
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if self.current is not None and key not in self.seen_storages:
+            self.seen_storages.add(key)
+            self.current.saved_bytes += tensor.untyped_storage().nbytes()
+        return tensor
+
+
+def _elements(value: Any) -> int:
+    return sum(t.numel() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def parameter_storages(module: torch.nn.Module) -> set[tuple[int, str]]:
+    """Storage keys of every parameter and buffer of ``module`` (never counted as activations)."""
+    return {_storage_key(t) for t in list(module.parameters()) + list(module.buffers())}
+
+
+def analyze(program: Program) -> Analysis:
+    """Run the graph once on the example inputs (grad enabled, as in training) and record per-node
+    shapes, FLOPs, output bytes and saved-for-backward bytes. Stores shapes in ``node.meta``."""
+    costs: dict[str, NodeCost] = {}
+    excluded = parameter_storages(program.gm)
+    interpreter = _CostInterpreter(program.gm, costs, excluded)
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(interpreter.pack, lambda t: t), torch.enable_grad():
+        interpreter.run(*program.flat_inputs())
+    return Analysis(costs)
+
+
+def measure_saved_bytes(module: torch.nn.Module, program: Program) -> int:
+    """Bytes of distinct tensors autograd saves for backward in one forward of ``module`` on the
+    program's example inputs, parameters and buffers excluded (what ``remat`` reduces)."""
+    seen = parameter_storages(module)
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = _storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+        output = program.run(module)
+        del output
+    return total
+
+
+def to_networkx(gm: torch.fx.GraphModule, analysis: Analysis | None = None) -> nx.DiGraph:
+    """A DiGraph with one vertex per node (attributes ``op``, ``target`` and, given an analysis,
+    ``flops``/``output_bytes``/``saved_bytes``) and an edge from each input to its user."""
+    graph = nx.DiGraph()
+    for order, node in enumerate(gm.graph.nodes):
+        attributes: dict[str, Any] = {"op": node.op, "target": str(node.target), "order": order}
+        if analysis is not None and node.name in analysis.costs:
+            cost = analysis.costs[node.name]
+            attributes.update(flops=cost.flops, output_bytes=cost.output_bytes, saved_bytes=cost.saved_bytes)
+        graph.add_node(node.name, **attributes)
+        for source in node.all_input_nodes:
+            graph.add_edge(source.name, node.name)
+    return graph
+
+
+def parameter_count(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements, each shared tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for parameter in module.parameters():
+        if id(parameter) in seen or (trainable_only and not parameter.requires_grad):
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+    return total

@@ -1,0 +1,143 @@
+"""Capture a model as a trainable ``torch.fx.GraphModule``: symbolic tracing where it works, else
+``torch.export.export(strict=False)``. Either way every node knows the module path it came from."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import traceback
+from typing import Any
+
+import torch
+import torch.fx
+
+from .errors import CaptureError
+from .program import Program
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+CAPTURE_PATHS = ("auto", "symbolic_trace", "export")
+
+
+def capture(spec: ModelSpec, path: str = "auto") -> Program:
+    """Capture ``spec.module`` (a deep copy: the user's model is never touched) into a Program.
+
+    ``path`` is ``auto`` (symbolic tracing, falling back to export), ``symbolic_trace`` or ``export``.
+    Raises CaptureError naming the op or source line neither path could follow.
+    """
+    if path not in CAPTURE_PATHS:
+        raise CaptureError(f"unknown capture path {path!r}; use one of {', '.join(CAPTURE_PATHS)}")
+    module = copy.deepcopy(spec.module)
+    module.train(spec.module.training)
+    failures: list[str] = []
+    if path in ("auto", "symbolic_trace") and not _is_hf_model(module):
+        try:
+            gm = _symbolic_trace(module, spec)
+            return Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "symbolic_trace", spec.name,
+                           {"fallback_reason": None})
+        except Exception as error:  # symbolic tracing fails in many ways; export gets its turn
+            failures.append(f"symbolic_trace: {_where(error)}")
+            log.info("symbolic_trace failed, trying torch.export: %s", error)
+            if path == "symbolic_trace":
+                raise CaptureError(f"cannot capture {spec.name}: {failures[0]}; try --capture export") from error
+    elif path == "symbolic_trace":
+        raise CaptureError(f"cannot capture {spec.name} with symbolic_trace: Hugging Face models need "
+                           "torch.export; use --capture export or auto")
+    else:
+        failures.append("symbolic_trace: skipped (Hugging Face models need torch.export)")
+    try:
+        gm = _export(module, spec)
+    except Exception as error:
+        detail = "; ".join(failures + [f"torch.export: {_where(error)}"])
+        raise CaptureError(f"cannot capture {spec.name}: {detail}; make that code traceable "
+                           "(no data-dependent Python control flow) or wrap it in a leaf module") from error
+    return Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "export", spec.name,
+                   {"fallback_reason": failures[0] if failures else None})
+
+
+def _is_hf_model(module: torch.nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(module).__mro__)
+
+
+def _symbolic_trace(module: torch.nn.Module, spec: ModelSpec) -> torch.fx.GraphModule:
+    gm = torch.fx.symbolic_trace(module)
+    gm.train(module.training)
+    # A trace can succeed and still be wrong (Python branches on shapes are baked in): check it.
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = module(*spec.args, **spec.kwargs)
+        torch.manual_seed(0)
+        got = gm(*spec.args, **spec.kwargs)
+    _assert_same(expected, got)
+    return gm
+
+
+def _export(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool = True) -> torch.fx.GraphModule:
+    exported = None
+    if dynamic_batch:
+        try:
+            exported = torch.export.export(module, spec.args, spec.kwargs, strict=False,
+                                           dynamic_shapes=_batch_dynamic_shapes(spec))
+        except Exception as error:  # some models pin the batch size: capture them static
+            log.info("dynamic-batch export failed (%s); exporting with static shapes", error)
+    if exported is None:
+        exported = torch.export.export(module, spec.args, spec.kwargs, strict=False)
+    stateful = exported.module()
+    _drop_runtime_guards(stateful)
+    # A plain GraphModule: no export-time input-check hooks, so it pickles and takes other batch sizes.
+    gm = torch.fx.GraphModule(stateful, stateful.graph)
+    gm.meta["dynamic_batch"] = any(str(c) for c in exported.range_constraints)
+    gm.train(module.training)
+    return gm
+
+
+def _batch_dynamic_shapes(spec: ModelSpec) -> tuple | dict:
+    """Mark dim 0 of every tensor input of rank ≥ 1 as a batch dimension torch.export may keep symbolic."""
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return {0: torch.export.Dim.AUTO}
+        if isinstance(value, (list, tuple)):
+            return type(value)(mark(v) for v in value)
+        if isinstance(value, dict):
+            return {k: mark(v) for k, v in value.items()}
+        return None
+
+    if spec.kwargs and not spec.args:
+        return {k: mark(v) for k, v in spec.kwargs.items()}
+    return tuple(mark(v) for v in spec.args) if not spec.kwargs else \
+        (tuple(mark(v) for v in spec.args), {k: mark(v) for k, v in spec.kwargs.items()})
+
+
+def _drop_runtime_guards(gm: torch.fx.GraphModule) -> None:
+    """Remove the input-shape guard torch.export inserts (``_guards_fn``): rewritten graphs are run on
+    batches of other sizes (micro-batches, validation), which the static guard would refuse."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    if "_guards_fn" in gm._modules:
+        del gm._modules["_guards_fn"]
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _assert_same(expected: Any, got: Any) -> None:
+    from torch.utils import _pytree as pytree
+
+    expected_leaves, got_leaves = pytree.tree_leaves(expected), pytree.tree_leaves(got)
+    if len(expected_leaves) != len(got_leaves):
+        raise RuntimeError("the traced module returns a different output structure")
+    for e, g in zip(expected_leaves, got_leaves):
+        if isinstance(e, torch.Tensor):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def _where(error: BaseException) -> str:
+    """One line: the exception and, where it came from user code, the file and line."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "site-packages/torch" not in f.filename and "/effcompile/" not in f.filename
+              and "/rewrite/" not in f.filename]
+    location = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"{type(error).__name__}: {message[:300]}{location}"

@@ -1,0 +1,238 @@
+"""The pass contract, the registry behind ``--passes``, ordering constraints, and the manager that runs
+passes in order, verifying each against its input."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import pkgutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .analysis import Analysis, analyze, parameter_count
+from .errors import EffcompileError, OptionError, PassError, VerificationError
+from .options import build_config, describe_type
+from .program import Program
+from .verify import VerifyResult, compare
+
+log = logging.getLogger(__name__)
+
+# (earlier, later): when both are asked for, `earlier` must come first. Structural rewrites come before
+# precision, precision before memory planning (remat plans on the final graph), pipeline cuts last.
+ORDER_CONSTRAINTS: tuple[tuple[str, str], ...] = (
+    ("lora", "amp"), ("lowrank", "amp"), ("sas", "amp"),
+    ("lora", "remat"), ("lowrank", "remat"), ("sas", "remat"), ("amp", "remat"),
+)
+MUST_BE_LAST = ("pipeline",)
+
+
+@dataclass
+class PassRecord:
+    """What one pass did. ``stats`` holds counts (nodes rewritten, parameters, bytes, FLOPs before and
+    after); ``details`` the pass's own plan (segments, ranks, masks...); ``verify`` the numerics check."""
+
+    name: str
+    changed: bool
+    reason: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    verify: VerifyResult | None = None
+    seconds: float = 0.0
+    exact: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"name": self.name, "changed": self.changed, "reason": self.reason, "exact": self.exact,
+                "options": _jsonable(self.options), "stats": _jsonable(self.stats),
+                "details": _jsonable(self.details), "verify": self.verify.to_dict() if self.verify else None,
+                "seconds": round(self.seconds, 3)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    return str(value)
+
+
+class Pass:
+    """Base of every pass. Subclasses set ``name``, ``summary``, ``exact``, a ``Config`` dataclass, and
+    implement ``call(program, config) -> PassRecord``, rewriting ``program`` in place.
+
+    ``requires`` checks preconditions (raise PassError with the fix); ``ensures`` postconditions.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def requires(self, program: Program, config: Any) -> None:
+        """Raise PassError if the pass cannot run on ``program``."""
+
+    def ensures(self, program: Program, config: Any, record: PassRecord) -> None:
+        """Raise PassError if the rewrite left ``program`` in a bad state."""
+        program.gm.graph.lint()
+
+    def call(self, program: Program, config: Any) -> PassRecord:
+        """Rewrite ``program`` in place and say what changed."""
+        raise NotImplementedError
+
+    def __call__(self, program: Program, config: Any) -> PassRecord:
+        self.requires(program, config)
+        record = self.call(program, config)
+        self.ensures(program, config, record)
+        return record
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make ``cls`` available to ``--passes`` under ``cls.name``."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Pass]]:
+    """All registered passes by name (imports every module of ``effcompile.passes`` once)."""
+    from . import passes as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def describe_passes() -> list[dict[str, Any]]:
+    """Name, one-line summary, exactness and options (name, type, default, help) of every pass."""
+    rows = []
+    for name, cls in registry().items():
+        options = []
+        hints = __import__("typing").get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            options.append({"name": f.name, "type": describe_type(hints[f.name]), "default": default,
+                            "help": f.metadata.get("help", "")})
+        rows.append({"name": name, "summary": cls.summary, "exact": cls.exact, "options": options})
+    return rows
+
+
+def resolve_passes(names: Sequence[str], options: Mapping[str, Mapping[str, Any]]) -> list[tuple[Pass, Any]]:
+    """Check names, ordering and options before anything runs; return (pass, config) pairs in order."""
+    passes = registry()
+    names = [n.strip() for n in names if n.strip()]
+    for name in names:
+        if name not in passes:
+            raise OptionError(f"unknown pass {name!r}; available passes: {', '.join(passes)} "
+                              "(effcompile --list-passes describes them)")
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise OptionError(f"pass {duplicate!r} is listed twice in --passes; list it once")
+    position = {name: i for i, name in enumerate(names)}
+    for earlier, later in ORDER_CONSTRAINTS:
+        if earlier in position and later in position and position[earlier] > position[later]:
+            fixed = sorted(names, key=lambda n: (n in MUST_BE_LAST, _order_key(n, names)))
+            raise OptionError(f"pass {later!r} must run after {earlier!r}; reorder, e.g. --passes {','.join(fixed)}")
+    for name in MUST_BE_LAST:
+        if name in position and position[name] != len(names) - 1:
+            raise OptionError(f"pass {name!r} must be the last pass; move it to the end of --passes")
+    for name in options:
+        if name not in passes and name != "verify":
+            raise OptionError(f"options given for unknown pass {name!r}; available passes: {', '.join(passes)}")
+        if name in passes and name not in position:
+            raise OptionError(f"options given for pass {name!r}, which is not in --passes; add it or drop the options")
+    return [(passes[name](), build_config(name, passes[name].Config, options.get(name, {}))) for name in names]
+
+
+def _order_key(name: str, names: Sequence[str]) -> int:
+    rank = {n: 0 for n in names}
+    for _ in names:  # longest-path ranking over the constraint pairs
+        for earlier, later in ORDER_CONSTRAINTS:
+            if earlier in rank and later in rank:
+                rank[later] = max(rank[later], rank[earlier] + 1)
+    return rank[name]
+
+
+@dataclass
+class RunResult:
+    """The program after every pass, one record per pass, and the analysis before and after."""
+
+    program: Program
+    records: list[PassRecord]
+    analysis_before: Analysis | None
+    analysis_after: Analysis | None
+
+
+class PassManager:
+    """Runs passes in order. Each pass gets a clone of the current program (so the input survives for
+    verification); its record gets parameter/bytes/FLOP counts before and after and a verify result."""
+
+    def __init__(self, passes: Sequence[tuple[Pass, Any]], verify: bool = True, measure: bool = True,
+                 max_error: float | None = None) -> None:
+        self.passes = list(passes)
+        self.verify = verify
+        self.measure = measure
+        self.max_error = max_error
+
+    def run(self, program: Program) -> RunResult:
+        """Run every pass; raise VerificationError if an exact pass broke numerics (or an approximate
+        one exceeded ``max_error``), PassError (naming the pass and those before it) if one failed."""
+        current = program
+        before = analyze(current) if self.measure else None
+        first = before
+        records: list[PassRecord] = []
+        for pass_, config in self.passes:
+            started = time.perf_counter()
+            candidate = current.clone()
+            try:
+                record = pass_(candidate, config)
+            except EffcompileError:
+                raise
+            except Exception as error:
+                done = [r.name for r in records]
+                raise PassError(f"{pass_.name}: {type(error).__name__}: {error} (after passes {done}); "
+                                "run with --debug for the traceback and report it") from error
+            record.exact = pass_.exact
+            record.options = dataclasses.asdict(config)
+            after = analyze(candidate) if self.measure and record.changed else before
+            record.stats = {**_counts(current, candidate, before, after), **record.stats}
+            if self.verify:
+                record.verify = compare(current, candidate, pass_.exact, None if pass_.exact else self.max_error)
+                if not record.verify.ok:
+                    raise VerificationError(f"{pass_.name}: verification failed: {'; '.join(record.verify.failures[:3])}; "
+                                            "this is a bug in the pass, report it (or skip the pass)")
+            record.seconds = time.perf_counter() - started
+            log.info("pass %s: changed=%s in %.2fs", pass_.name, record.changed, record.seconds)
+            records.append(record)
+            if record.changed:
+                current, before = candidate, after
+        return RunResult(current, records, first, before)
+
+
+def _counts(old: Program, new: Program, before: Analysis | None, after: Analysis | None) -> dict[str, Any]:
+    counts: dict[str, Any] = {
+        "nodes_before": len(old.gm.graph.nodes), "nodes_after": len(new.gm.graph.nodes),
+        "params_before": parameter_count(old.gm), "params_after": parameter_count(new.gm),
+        "trainable_before": parameter_count(old.gm, True), "trainable_after": parameter_count(new.gm, True),
+    }
+    if before is not None and after is not None:
+        counts.update(saved_activation_bytes_before=before.saved_activation_bytes,
+                      saved_activation_bytes_after=after.saved_activation_bytes,
+                      flops_before=before.total_flops, flops_after=after.total_flops)
+    return counts

@@ -1,0 +1,214 @@
+"""The shared matcher: find linear-like ops and attention in a captured graph, whichever capture path
+made it. Passes ask here; none walks the graph for these patterns itself.
+
+Linear-like (``LinearSite``):
+  1. ``call_module`` of ``nn.Linear`` (weight ``[out, in]``) or Hugging Face ``Conv1D`` (``[in, out]``);
+  2. ``F.linear`` / ``aten.linear`` with a parameter weight (``[out, in]``);
+  3. ``torch.addmm`` / ``aten.addmm`` (bias, x, W) with a parameter W (``[in, out]``, HF Conv1D exported);
+  4. ``torch.mm`` / ``aten.mm`` / ``matmul`` of an activation by a 2-D parameter (``[in, out]``).
+Attention (``AttentionSite``):
+  1. ``scaled_dot_product_attention`` (functional or ``aten``);
+  2. explicit ``matmul(q, kᵀ) → [scale] → [+ mask] → softmax → [dropout] → matmul(·, v)``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from .graph import get_attr_value, module_path
+
+aten = torch.ops.aten
+
+LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
+ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}
+MM_FUNCTIONS = {torch.mm, aten.mm.default, torch.matmul, operator.matmul, aten.matmul.default}
+MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, aten.matmul.default, torch.bmm, aten.bmm.default}
+SDPA_FUNCTIONS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, aten._softmax.default, aten.softmax.int, torch.Tensor.softmax}
+# Ops allowed between the score matmul and the softmax, and between the softmax and the value matmul.
+_SCORE_OPS = {operator.mul, operator.truediv, operator.add, torch.mul, torch.div, torch.add, aten.mul.Tensor,
+              aten.div.Tensor, aten.add.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+              torch.masked_fill, aten.to.dtype, aten._to_copy.default, aten.where.self, torch.where}
+_SCORE_METHODS = {"masked_fill", "to", "float", "type_as", "mul", "div", "add", "masked_fill_"}
+_PROB_OPS = {F.dropout, aten.dropout.default, aten.native_dropout.default, aten.to.dtype, aten._to_copy.default,
+             operator.getitem, aten.clone.default}
+_PROB_METHODS = {"to", "type_as", "half", "float", "bfloat16"}
+
+
+@dataclass
+class LinearSite:
+    """One linear-like op. ``weight_layout`` is ``"out_in"`` (nn.Linear) or ``"in_out"`` (Conv1D/addmm/mm)."""
+
+    node: torch.fx.Node
+    kind: str  # "module" | "linear" | "addmm" | "mm"
+    path: str  # module path, e.g. "transformer.h.0.attn.c_attn"
+    weight_target: str
+    bias_target: str | None
+    in_features: int
+    out_features: int
+    weight_layout: str
+    input: torch.fx.Node
+
+    @property
+    def module_name(self) -> str:
+        """The last component of the path (``c_attn``, ``q_proj``)."""
+        return self.path.rsplit(".", 1)[-1]
+
+
+@dataclass
+class AttentionSite:
+    """One attention. For ``kind == "explicit"`` ``nodes`` lists the matched nodes, output last."""
+
+    kind: str  # "sdpa" | "explicit"
+    node: torch.fx.Node  # the node producing the attention output
+    query: torch.fx.Node
+    key: torch.fx.Node
+    value: torch.fx.Node
+    path: str
+    attn_mask: Any = None
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    scale: float | None = None
+    enable_gqa: bool = False
+    nodes: list[torch.fx.Node] = field(default_factory=list)
+
+
+def _param(gm: torch.fx.GraphModule, node: Any) -> tuple[str, torch.Tensor] | None:
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        value = get_attr_value(gm, str(node.target))
+        if isinstance(value, torch.Tensor):
+            return str(node.target), value
+    return None
+
+
+def find_linears(gm: torch.fx.GraphModule) -> list[LinearSite]:
+    """Every linear-like op in ``gm``, in graph order."""
+    sites: list[LinearSite] = []
+    for node in gm.graph.nodes:
+        site = _match_linear(gm, node)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def _match_linear(gm: torch.fx.GraphModule, node: torch.fx.Node) -> LinearSite | None:
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        name = type(module).__name__
+        if isinstance(module, torch.nn.Linear):
+            bias = f"{node.target}.bias" if module.bias is not None else None
+            return LinearSite(node, "module", str(node.target), f"{node.target}.weight", bias,
+                              module.in_features, module.out_features, "out_in", node.args[0])
+        if name == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+            in_features, out_features = module.weight.shape
+            return LinearSite(node, "module", str(node.target), f"{node.target}.weight", f"{node.target}.bias",
+                              in_features, out_features, "in_out", node.args[0])
+        return None
+    if node.op != "call_function":
+        return None
+    if node.target in LINEAR_FUNCTIONS:
+        weight = _param(gm, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight"))
+        if weight is None or weight[1].dim() != 2:
+            return None
+        bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = _param(gm, bias_arg)
+        out_features, in_features = weight[1].shape
+        return LinearSite(node, "linear", _owner(weight[0], node), weight[0], bias[0] if bias else None,
+                          in_features, out_features, "out_in", node.args[0])
+    if node.target in ADDMM_FUNCTIONS and len(node.args) >= 3:
+        weight, bias = _param(gm, node.args[2]), _param(gm, node.args[0])
+        if weight is None or weight[1].dim() != 2 or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        in_features, out_features = weight[1].shape
+        return LinearSite(node, "addmm", _owner(weight[0], node), weight[0], bias[0] if bias else None,
+                          in_features, out_features, "in_out", node.args[1])
+    if node.target in MM_FUNCTIONS and len(node.args) == 2:
+        weight = _param(gm, node.args[1])
+        if weight is None or weight[1].dim() != 2 or _param(gm, node.args[0]) is not None:
+            return None
+        in_features, out_features = weight[1].shape
+        return LinearSite(node, "mm", _owner(weight[0], node), weight[0], None, in_features, out_features,
+                          "in_out", node.args[0])
+    return None
+
+
+def _owner(weight_target: str, node: torch.fx.Node) -> str:
+    owner = weight_target.rpartition(".")[0]
+    return owner or module_path(node)
+
+
+def find_attention(gm: torch.fx.GraphModule) -> list[AttentionSite]:
+    """Every attention in ``gm`` (SDPA calls and the explicit matmul-softmax-matmul form), in graph order."""
+    sites: list[AttentionSite] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SDPA_FUNCTIONS:
+            sites.append(_sdpa_site(node))
+        elif _is_softmax(node):
+            site = _explicit_site(node)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def _sdpa_site(node: torch.fx.Node) -> AttentionSite:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
+                                "enable_gqa": False}
+    values = dict(defaults)
+    values.update(dict(zip(names, node.args)))
+    values.update({k: v for k, v in node.kwargs.items() if k in names})
+    return AttentionSite("sdpa", node, values["query"], values["key"], values["value"], module_path(node),
+                         values["attn_mask"], float(values["dropout_p"]), bool(values["is_causal"]),
+                         values["scale"], bool(values["enable_gqa"]), [node])
+
+
+def _is_softmax(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS) or \
+        (node.op == "call_method" and node.target == "softmax")
+
+
+def _is_matmul(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and (
+        (node.op == "call_function" and node.target in MATMUL_FUNCTIONS)
+        or (node.op == "call_method" and node.target in ("matmul", "bmm")))
+
+
+def _explicit_site(softmax: torch.fx.Node) -> AttentionSite | None:
+    nodes = [softmax]
+    current = softmax.args[0]
+    mask = None
+    while isinstance(current, torch.fx.Node) and not _is_matmul(current):
+        allowed = (current.op == "call_function" and current.target in _SCORE_OPS) or \
+            (current.op == "call_method" and current.target in _SCORE_METHODS)
+        if not allowed:
+            return None
+        nodes.append(current)
+        if current.target in (operator.add, torch.add, aten.add.Tensor, "add") and len(current.args) > 1:
+            mask = current.args[1]
+        current = current.args[0]
+    if not _is_matmul(current):
+        return None
+    score = current
+    nodes.append(score)
+    probs = softmax
+    while len(probs.users) == 1:
+        user = next(iter(probs.users))
+        if _is_matmul(user) and user.args[0] is probs:
+            nodes.reverse()
+            nodes.append(user)
+            query, key_t = score.args[0], score.args[1]
+            return AttentionSite("explicit", user, query, key_t, user.args[1], module_path(user), mask,
+                                 nodes=nodes)
+        allowed = (user.op == "call_function" and user.target in _PROB_OPS) or \
+            (user.op == "call_method" and user.target in _PROB_METHODS)
+        if not allowed:
+            return None
+        nodes.append(user)
+        probs = user
+    return None

@@ -1,0 +1,93 @@
+"""The report: a model summary and one record per pass, as JSON and as a terminal table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .pass_manager import PassRecord
+
+
+@dataclass
+class Report:
+    """What happened to a model: ``model`` (name, capture path, parameters, nodes, bytes, FLOPs),
+    ``records`` (one per pass) and ``exports`` (artifacts written, by kind)."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    records: list[PassRecord] = field(default_factory=list)
+    exports: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"model": self.model, "passes": [r.to_dict() for r in self.records], "exports": self.exports}
+
+    def to_json(self) -> str:
+        """The report as indented JSON text."""
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def record(self, name: str) -> PassRecord:
+        """The record of the pass called ``name`` (KeyError if it did not run)."""
+        for record in self.records:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+
+def human_bytes(count: float | None) -> str:
+    """``1536`` → ``1.5 KiB``."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
+
+
+def human_count(count: float | None) -> str:
+    """``1234567`` → ``1.23M``."""
+    if count is None:
+        return "-"
+    value = float(count)
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(value) < 1000 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "" else f"{value:.2f}{unit}"
+        value /= 1000
+    return f"{value:.2f}P"
+
+
+def render(report: Report, console: Any) -> None:
+    """Print the report on a ``rich`` console: the model, then a table of the passes."""
+    from rich.table import Table
+
+    model = report.model
+    console.print(f"[bold]{model.get('name')}[/bold]: captured with {model.get('capture_path')}, "
+                  f"{model.get('nodes')} nodes, {human_count(model.get('params'))} parameters "
+                  f"({human_count(model.get('trainable_params'))} trainable), "
+                  f"{human_bytes(model.get('saved_activation_bytes'))} saved for backward, "
+                  f"{human_count(model.get('flops'))} FLOPs forward")
+    table = Table(title="passes")
+    for column in ("pass", "changed", "what", "trainable params", "saved activations", "forward FLOPs",
+                   "verify (out / grad rel. err)", "time"):
+        table.add_column(column)
+    for record in report.records:
+        stats, verify = record.stats, record.verify
+        what = record.details.get("summary") or record.reason or ""
+        check = "-" if verify is None else (
+            f"{'ok' if verify.ok else 'FAIL'} {verify.output_max_rel:.1e} / {verify.grad_max_rel:.1e}")
+        table.add_row(record.name, "yes" if record.changed else "no", str(what),
+                      _arrow(stats.get("trainable_before"), stats.get("trainable_after"), human_count),
+                      _arrow(stats.get("saved_activation_bytes_before"), stats.get("saved_activation_bytes_after"), human_bytes),
+                      _arrow(stats.get("flops_before"), stats.get("flops_after"), human_count),
+                      check, f"{record.seconds:.2f}s")
+    console.print(table)
+    for kind, where in report.exports.items():
+        console.print(f"wrote {kind}: {where}")
+
+
+def _arrow(before: Any, after: Any, fmt: Any) -> str:
+    if before is None:
+        return "-"
+    return fmt(before) if before == after else f"{fmt(before)} → {fmt(after)}"
