@@ -54,10 +54,10 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(WIDTH, HEADS) for _ in range(LAYERS))
         self.ln_f = nn.LayerNorm(WIDTH)
         self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
-        self.register_buffer("positions", torch.arange(CONTEXT), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(self.positions[: idx.shape[1]])
+        positions = torch.ones_like(idx[0]).cumsum(0) - 1  # 0..seq-1, traceable without a Python int
+        x = self.wte(idx) + self.wpe(positions)
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
