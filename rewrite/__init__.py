@@ -15,8 +15,15 @@ import torch
 from .analysis import Analysis, parameter_count
 from .capture import capture
 from .emit import load_module, save_module
-from .errors import (CaptureError, EffcompileError, OptionError, OutputError, PassError, SpecError,
-                     VerificationError)
+from .errors import (
+    CaptureError,
+    EffcompileError,
+    OptionError,
+    OutputError,
+    PassError,
+    SpecError,
+    VerificationError,
+)
 from .pass_manager import Pass, PassManager, PassRecord, register, registry
 from .program import Program
 from .report import Report

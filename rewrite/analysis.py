@@ -31,6 +31,10 @@ class NodeCost:
     flops: int = 0
     output_bytes: int = 0
     saved_bytes: int = 0
+    # Storage ids (keys of ``Analysis.storage_bytes``): the storages this node's output tensors live in
+    # (a view shares its base's id) and every non-parameter storage autograd saved while running it.
+    output_storages: tuple[int, ...] = ()
+    saved_storages: tuple[int, ...] = ()
 
 
 @dataclass
@@ -38,6 +42,7 @@ class Analysis:
     """Per-node costs (keyed by node name) and totals for a Program."""
 
     costs: dict[str, NodeCost] = field(default_factory=dict)
+    storage_bytes: dict[int, int] = field(default_factory=dict)  # storage id -> bytes
 
     @property
     def total_flops(self) -> int:
@@ -66,16 +71,24 @@ class _CostInterpreter(torch.fx.Interpreter):
         super().__init__(gm)
         self.costs = costs
         self.seen_storages = excluded
+        self.parameter_keys = set(excluded)
         self.current: NodeCost | None = None
+        # Storage identity without keeping values alive: a new tensor matches a storage of the node's
+        # live inputs (a view) or gets a fresh id, so a recycled address never aliases a dead tensor.
+        self.storage_bytes: dict[int, int] = {}
+        self.live_ids: dict[str, dict[tuple[int, str], int]] = {}
+        self.packed: list[torch.Tensor] = []
 
     def run_node(self, node: torch.fx.Node) -> Any:
         cost = NodeCost()
         self.current = cost
         counter = FlopCounterMode(display=False) if node.op in ("call_function", "call_method", "call_module") \
             else contextlib.nullcontext()
+        self.packed = []
         with counter:
             result = super().run_node(node)
         self.current = None
+        self._track_storages(node, result, cost)
         if isinstance(counter, FlopCounterMode):
             counted = counter.get_total_flops()
             cost.flops = int(counted) if counted else _elements(result)
@@ -87,7 +100,33 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.costs[node.name] = cost
         return result
 
+    def _track_storages(self, node: torch.fx.Node, result: Any, cost: NodeCost) -> None:
+        known: dict[tuple[int, str], int] = {}
+        for source in node.all_input_nodes:
+            known.update(self.live_ids.get(source.name, {}))
+
+        def identify(tensor: torch.Tensor) -> int | None:
+            key = _storage_key(tensor)
+            if key in self.parameter_keys:
+                return None
+            if key not in known:
+                known[key] = len(self.storage_bytes)
+                self.storage_bytes[known[key]] = tensor.untyped_storage().nbytes()
+            return known[key]
+
+        outputs = {}
+        for leaf in pytree.tree_leaves(result):
+            if isinstance(leaf, torch.Tensor) and (index := identify(leaf)) is not None:
+                outputs[_storage_key(leaf)] = index
+        self.live_ids[node.name] = outputs
+        cost.output_storages = tuple(dict.fromkeys(outputs.values()))
+        saved = (identify(t) for t in self.packed)
+        cost.saved_storages = tuple(dict.fromkeys(i for i in saved if i is not None))
+        self.packed = []
+
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.current is not None:
+            self.packed.append(tensor)
         key = _storage_key(tensor)
         if self.current is not None and key not in self.seen_storages:
             self.seen_storages.add(key)
@@ -113,7 +152,7 @@ def analyze(program: Program) -> Analysis:
     torch.manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(interpreter.pack, lambda t: t), torch.enable_grad():
         interpreter.run(*program.flat_inputs())
-    return Analysis(costs)
+    return Analysis(costs, interpreter.storage_bytes)
 
 
 def measure_saved_bytes(module: torch.nn.Module, program: Program) -> int:

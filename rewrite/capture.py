@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from .spec import ModelSpec
 log = logging.getLogger(__name__)
 
 CAPTURE_PATHS = ("auto", "symbolic_trace", "export")
+_PACKAGE_DIRS = (str(Path(__file__).resolve().parent) + "/", str(Path(__file__).resolve().parent.parent / "passes") + "/")
 
 
 def capture(spec: ModelSpec, path: str = "auto") -> Program:
@@ -137,7 +139,7 @@ def _where(error: BaseException) -> str:
     """One line: the exception and, where it came from user code, the file and line."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if "site-packages/torch" not in f.filename and "/effcompile/" not in f.filename
-              and "/rewrite/" not in f.filename]
+              if not f.filename.startswith("<") and "site-packages/" not in f.filename
+              and not f.filename.startswith(_PACKAGE_DIRS)]
     location = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-    return f"{type(error).__name__}: {message[:300]}{location}"
+    return f"{type(error).__name__}: {message[:160]}{location}"

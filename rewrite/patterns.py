@@ -179,6 +179,14 @@ def _is_matmul(node: Any) -> bool:
         or (node.op == "call_method" and node.target in ("matmul", "bmm")))
 
 
+_ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+
+
+def _real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Users that compute something (export adds dtype/shape assertion nodes that only check)."""
+    return [u for u in node.users if not (u.op == "call_function" and u.target in _ASSERTIONS)]
+
+
 def _explicit_site(softmax: torch.fx.Node) -> AttentionSite | None:
     nodes = [softmax]
     current = softmax.args[0]
@@ -197,8 +205,8 @@ def _explicit_site(softmax: torch.fx.Node) -> AttentionSite | None:
     score = current
     nodes.append(score)
     probs = softmax
-    while len(probs.users) == 1:
-        user = next(iter(probs.users))
+    while len(_real_users(probs)) == 1:
+        user = _real_users(probs)[0]
         if _is_matmul(user) and user.args[0] is probs:
             nodes.reverse()
             nodes.append(user)

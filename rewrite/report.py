@@ -69,9 +69,8 @@ def render(report: Report, console: Any) -> None:
                   f"{human_bytes(model.get('saved_activation_bytes'))} saved for backward, "
                   f"{human_count(model.get('flops'))} FLOPs forward")
     table = Table(title="passes")
-    for column in ("pass", "changed", "what", "trainable params", "saved activations", "forward FLOPs",
-                   "verify (out / grad rel. err)", "time"):
-        table.add_column(column)
+    for column in ("pass", "changed", "what", "trainable", "saved for bwd", "fwd FLOPs", "verify out/grad err", "s"):
+        table.add_column(column, overflow="fold")
     for record in report.records:
         stats, verify = record.stats, record.verify
         what = record.details.get("summary") or record.reason or ""

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from effcompile.spec import ModelSpec, load_file_spec, load_hf_spec
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,207 @@
+"""``effcompile``: parse the command line, run the road (spec → capture → passes → verify → emit),
+print the report, exit with a clear code (0 ok, 1 verification failed, 2 bad input)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import EffcompileError, OptionError
+
+EXPORT_KINDS = ("onnx", "onnx-eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the main command (``effcompile MODEL ...``)."""
+    parser = argparse.ArgumentParser(
+        prog="effcompile",
+        description="Capture a PyTorch model as a torch.fx graph, rewrite it with verified passes, export it. "
+                    "`effcompile train ...` trains a compiled model (see `effcompile train --help`).")
+    parser.add_argument("model", nargs="?", help="a model file defining build_model()/model and example_inputs(), "
+                        "or hf:<model_type> (hf:gpt2, hf:llama, hf:bert, ...)")
+    parser.add_argument("--passes", default="", help="comma-separated passes to run in order (see --list-passes)")
+    parser.add_argument("--set", dest="set_options", action="append", default=[], metavar="PASS.OPTION=VALUE",
+                        help="a pass option, e.g. --set remat.budget=0.5 (repeatable)")
+    parser.add_argument("--config", help="a TOML file: `passes = [...]` and one [pass] table of options each")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a Hugging Face config field, e.g. --model-arg n_layer=2 (repeatable)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size of hf: example inputs (default 2; ≥ 2)")
+    parser.add_argument("--seq", type=int, default=32, help="sequence length of hf: example inputs (default 32)")
+    parser.add_argument("--capture", default="auto", choices=("auto", "symbolic_trace", "export"),
+                        help="capture path (default auto: symbolic_trace, falling back to torch.export)")
+    parser.add_argument("--out", help="write report.json, the rewritten module and exports here")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--export", action="append", default=[], choices=EXPORT_KINDS,
+                        help="also export: onnx (ORT training artifacts), onnx-eval (inference model only)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate baked into the ORT optimizer (default 1e-3)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay for ORT (default 0)")
+    parser.add_argument("--no-verify", action="store_true", help="skip numerical verification after each pass")
+    parser.add_argument("--max-error", type=float, default=None,
+                        help="fail an approximate pass whose relative output error exceeds this")
+    parser.add_argument("--device", default="cpu", help="device to capture and run on (cpu, cuda, ...)")
+    parser.add_argument("--list-passes", action="store_true", help="list passes with their options and exit")
+    parser.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``effcompile`` console script. Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return _run_guarded(lambda: _train(argv[1:]), "--debug" in argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    return _run_guarded(lambda: _main(args), args.debug)
+
+
+def _run_guarded(function: Any, debug: bool) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        return int(function() or 0)
+    except EffcompileError as error:
+        if debug:
+            raise
+        console.print(f"[bold red]effcompile: error:[/bold red] {error}", highlight=False, soft_wrap=True)
+        return error.exit_code
+    except KeyboardInterrupt:
+        console.print("effcompile: interrupted")
+        return 130
+    except Exception as error:  # a bug: one line unless --debug
+        if debug:
+            raise
+        message = str(error).splitlines()[0] if str(error) else ""
+        console.print(f"[bold red]effcompile: internal error:[/bold red] {type(error).__name__}: {message[:300]} "
+                      "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
+        return 3
+
+
+def _train(argv: list[str]) -> int:
+    try:
+        from . import train_cli
+    except ImportError as error:  # pragma: no cover - shipped with the package
+        raise OptionError(f"effcompile train is not available ({error})") from error
+    return train_cli.main(argv)
+
+
+def _list_passes() -> int:
+    from rich.table import Table
+
+    from .pass_manager import describe_passes
+
+    table = Table(title="effcompile passes")
+    for column in ("pass", "kind", "summary", "options (default)"):
+        table.add_column(column)
+    for row in describe_passes():
+        options = "\n".join(f"{o['name']}={o['default']!r} ({o['type']}){': ' + o['help'] if o['help'] else ''}"
+                            for o in row["options"]) or "-"
+        table.add_row(row["name"], "exact" if row["exact"] else "approximate", row["summary"], options)
+    _console().print(table)
+    return 0
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Logs and CI are not terminals: give tables room instead of rich's 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.list_passes:
+        return _list_passes()
+    if not args.model:
+        raise OptionError("no model given; run e.g. `effcompile examples/gpt.py --passes identity` "
+                          "or `effcompile --list-passes`")
+
+    from . import compile as compile_model
+    from .options import load_config_file, merge_options, parse_set_options
+    from .report import render
+    from .spec import resolve_spec
+
+    if args.out:  # refuse a bad --out before doing any work
+        from .emit import check_output_dir
+
+        check_output_dir(args.out, args.force)
+    if args.batch < 1 or args.seq < 1:
+        raise OptionError("--batch and --seq must be positive integers")
+    passes: list[str] = [p for p in args.passes.split(",") if p.strip()]
+    file_options: dict[str, Any] = {}
+    if args.config:
+        data = load_config_file(args.config)
+        file_passes = data.pop("passes", None)
+        if file_passes is not None and not args.passes:
+            if not isinstance(file_passes, list):
+                raise OptionError(f"{args.config}: passes must be a list of names, e.g. passes = [\"remat\"]")
+            passes = [str(p) for p in file_passes]
+        file_options = data
+    options = merge_options(file_options, parse_set_options(args.set_options))
+    device = _device(args.device)
+    spec = resolve_spec(args.model, args.model_arg, args.batch, args.seq)
+    if device.type != "cpu":
+        spec = _to_device(spec, device)
+    result = compile_model(spec, passes=passes, options=options, verify=not args.no_verify,
+                           max_error=args.max_error, capture_path=args.capture)
+    if args.out:
+        _write(result, args)
+    if args.json:
+        print(result.report.to_json())
+    else:
+        render(result.report, _console())
+    return 0
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OptionError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def _to_device(spec: Any, device: Any) -> Any:
+    from torch.utils import _pytree as pytree
+
+    spec.module.to(device)
+    move = lambda t: t.to(device) if hasattr(t, "to") else t  # noqa: E731
+    spec.args, spec.kwargs = pytree.tree_map(move, spec.args), pytree.tree_map(move, spec.kwargs)
+    return spec
+
+
+def _write(result: Any, args: argparse.Namespace) -> None:
+    from .emit import atomic_dir, save_module, write_report
+
+    with atomic_dir(args.out, args.force) as staging:
+        save_module(result.module, staging / "module")
+        result.report.exports["module"] = str(Path(args.out) / "module")
+        for kind in args.export:
+            result.report.exports[kind] = _export(kind, result, staging, args)
+        write_report(result.report.to_json(), staging)
+
+
+def _export(kind: str, result: Any, staging: Path, args: argparse.Namespace) -> str:
+    try:
+        from .export import onnx as onnx_export
+    except ImportError as error:
+        raise OptionError(f"--export {kind} needs onnx and onnxruntime-training ({error}); "
+                          "pip install 'effcompile[ort]'") from error
+    folder = staging / "onnx"
+    if kind == "onnx":
+        onnx_export.export_training_artifacts(result.program, folder, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        onnx_export.export_eval_model(result.program, folder)
+    return str(Path(args.out) / "onnx")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
