@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import traceback
 from pathlib import Path
@@ -76,6 +78,13 @@ def _symbolic_trace(module: torch.nn.Module, spec: ModelSpec) -> torch.fx.GraphM
 
 
 def _export(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool = True) -> torch.fx.GraphModule:
+    # torch.export writes graph dumps straight to stderr when it gives up; the error we raise says it all.
+    quiet = contextlib.nullcontext() if log.isEnabledFor(logging.DEBUG) else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        return _export_loud(module, spec, dynamic_batch)
+
+
+def _export_loud(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
     exported = None
     if dynamic_batch:
         try:

@@ -53,10 +53,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``effcompile`` console script. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
+        configure_logging("--debug" in argv)
         return _run_guarded(lambda: _train(argv[1:]), "--debug" in argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    configure_logging(args.debug)
     return _run_guarded(lambda: _main(args), args.debug)
+
+
+def configure_logging(debug: bool) -> None:
+    """effcompile's own log at WARNING (DEBUG with --debug); torch's and transformers' chatter (graph dumps,
+    symbolic-shape warnings, deprecations) only with --debug, so errors stay one line."""
+    import warnings
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
+    if debug:
+        return
+    for name in ("torch", "transformers", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    try:
+        import torch._logging
+
+        torch._logging.set_logs(all=logging.CRITICAL)
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        pass
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
 
 
 def _run_guarded(function: Any, debug: bool) -> int:
