@@ -82,15 +82,20 @@ class _CostInterpreter(torch.fx.Interpreter):
     def run_node(self, node: torch.fx.Node) -> Any:
         cost = NodeCost()
         self.current = cost
-        counter = FlopCounterMode(display=False) if node.op in ("call_function", "call_method", "call_module") \
-            else contextlib.nullcontext()
+        computes = node.op in ("call_function", "call_method", "call_module")
+        # ATen ops are priced straight from torch's FLOP formulas; anything else (modules, torch functions
+        # in symbolically traced graphs) runs under a FlopCounterMode, which costs a dispatch per op.
+        aten_op = computes and isinstance(node.target, torch._ops.OpOverload)
+        counter = FlopCounterMode(display=False) if computes and not aten_op else contextlib.nullcontext()
         self.packed = []
         with counter:
             result = super().run_node(node)
         self.current = None
         self._track_storages(node, result, cost)
-        if isinstance(counter, FlopCounterMode):
-            counted = counter.get_total_flops()
+        if computes:
+            counted = _registry_flops(node, *self.fetch_args_kwargs_from_env(node), result) if aten_op \
+                else counter.get_total_flops()
+            counted = counted or _attention_flops(node, result)
             cost.flops = int(counted) if counted else _elements(result)
         cost.output_bytes = _tensor_bytes(result)
         if isinstance(result, torch.Tensor):
@@ -132,6 +137,32 @@ class _CostInterpreter(torch.fx.Interpreter):
             self.seen_storages.add(key)
             self.current.saved_bytes += tensor.untyped_storage().nbytes()
         return tensor
+
+
+def _registry_flops(node: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> int:
+    """FLOPs of an ATen node from ``torch.utils.flop_counter``'s formulas (0 if it has none)."""
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry.get(node.target.overloadpacket) or flop_registry.get(node.target)
+    if formula is None:
+        return 0
+    try:
+        return int(formula(*args, **kwargs, out_val=result))
+    except Exception:  # a formula that cannot read these arguments: fall back to elementwise pricing
+        return 0
+
+
+def _attention_flops(node: torch.fx.Node, result: Any) -> int:
+    """Forward FLOPs of an SDPA call the flop counter missed (its CPU kernel is not registered):
+    two batched matmuls, 4·B·H·Sq·Sk·D."""
+    if node.target not in (torch.ops.aten.scaled_dot_product_attention.default,
+                           torch.nn.functional.scaled_dot_product_attention) or not isinstance(result, torch.Tensor):
+        return 0
+    key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+    key_shape = key.meta.get("effcompile_shape") if isinstance(key, torch.fx.Node) else None
+    if key_shape is None or result.dim() < 2:
+        return 0
+    return 4 * result.numel() * int(key_shape[-2])
 
 
 def _elements(value: Any) -> int:
@@ -201,3 +232,40 @@ def parameter_count(module: torch.nn.Module, trainable_only: bool = False) -> in
         seen.add(id(parameter))
         total += parameter.numel()
     return total
+
+
+class _TimingInterpreter(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, seconds: dict[str, list[float]], synchronize: bool) -> None:
+        super().__init__(gm)
+        self.seconds = seconds
+        self.synchronize = synchronize
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        import time
+
+        if self.synchronize:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = super().run_node(node)
+        if self.synchronize:
+            torch.cuda.synchronize()
+        self.seconds.setdefault(node.name, []).append(time.perf_counter() - started)
+        return result
+
+
+def measure_node_seconds(program: Program, repeats: int = 3) -> dict[str, float]:
+    """Forward wall time of each node in seconds on the program's example inputs (grad enabled, one
+    warm-up run, then the median of ``repeats`` runs; CUDA is synchronised around every node)."""
+    inputs = program.flat_inputs()
+    synchronize = torch.cuda.is_available() and any(
+        isinstance(t, torch.Tensor) and t.is_cuda for t in list(inputs) + list(program.gm.parameters()))
+    samples: dict[str, list[float]] = {}
+    with torch.enable_grad():
+        for run in range(repeats + 1):
+            torch.manual_seed(0)
+            timings: dict[str, list[float]] = {}
+            _TimingInterpreter(program.gm, timings, synchronize).run(*inputs)
+            if run:  # the first run warms caches and allocators
+                for name, values in timings.items():
+                    samples.setdefault(name, []).extend(values)
+    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
