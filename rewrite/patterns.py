@@ -187,28 +187,37 @@ def _real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if not (u.op == "call_function" and u.target in _ASSERTIONS)]
 
 
-def _explicit_site(softmax: torch.fx.Node) -> AttentionSite | None:
-    nodes = [softmax]
-    current = softmax.args[0]
-    mask = None
-    while isinstance(current, torch.fx.Node) and not _is_matmul(current):
-        allowed = (current.op == "call_function" and current.target in _SCORE_OPS) or \
-            (current.op == "call_method" and current.target in _SCORE_METHODS)
-        if not allowed:
-            return None
-        nodes.append(current)
-        if current.target in (operator.add, torch.add, aten.add.Tensor, "add") and len(current.args) > 1:
-            mask = current.args[1]
-        current = current.args[0]
-    if not _is_matmul(current):
+def _score_path(start: Any, depth: int = 8) -> list[torch.fx.Node] | None:
+    """Nodes from the softmax input back to the score matmul through scale/mask/cast ops (matmul last)."""
+    if not isinstance(start, torch.fx.Node) or depth < 0:
         return None
-    score = current
-    nodes.append(score)
+    if _is_matmul(start):
+        return [start]
+    allowed = (start.op == "call_function" and start.target in _SCORE_OPS) or \
+        (start.op == "call_method" and start.target in _SCORE_METHODS)
+    if not allowed:
+        return None
+    for source in start.args:  # where(cond, scores, fill) keeps the scores second
+        path = _score_path(source, depth - 1)
+        if path is not None:
+            return [start, *path]
+    return None
+
+
+def _explicit_site(softmax: torch.fx.Node) -> AttentionSite | None:
+    path = _score_path(softmax.args[0])
+    if path is None:
+        return None
+    mask = None
+    for node in path[:-1]:
+        if node.target in (operator.add, torch.add, aten.add.Tensor, "add") and len(node.args) > 1:
+            mask = node.args[1]
+    score = path[-1]
+    nodes = [score, *reversed(path[:-1]), softmax]  # graph order: score matmul first
     probs = softmax
     while len(_real_users(probs)) == 1:
         user = _real_users(probs)[0]
         if _is_matmul(user) and user.args[0] is probs:
-            nodes.reverse()
             nodes.append(user)
             query, key_t = score.args[0], score.args[1]
             return AttentionSite("explicit", user, query, key_t, user.args[1], module_path(user), mask,

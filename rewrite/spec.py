@@ -143,14 +143,20 @@ def load_hf_spec(model_type: str, model_args: Mapping[str, Any] | None = None, b
                         "model_type such as hf:gpt2, hf:llama, hf:bert")
     config = AutoConfig.for_model(model_type)
     overrides = dict(model_args or {})
-    attn = overrides.pop("attn_implementation", "sdpa")
+    attn = overrides.pop("attn_implementation", None)
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise SpecError(f"hf:{model_type} config has no field {key!r}; see "
                             f"transformers.{type(config).__name__} for the fields")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except (AttributeError, TypeError, ValueError) as error:
+            raise SpecError(f"hf:{model_type} config field {key!r} cannot be set to {value!r} ({error}); "
+                            "set the fields it is derived from instead") from None
     if hasattr(config, "use_cache"):
         config.use_cache = False
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id or 0  # labels shift into the decoder from here
     model, task = _build_hf_model(transformers, config, model_type, attn, seed)
     vocab = int(getattr(config, "vocab_size", 0) or 100)
     max_positions = _max_positions(config)
@@ -160,25 +166,35 @@ def load_hf_spec(model_type: str, model_args: Mapping[str, Any] | None = None, b
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
     kwargs: dict[str, Any] = {"input_ids": input_ids}
-    if task in ("causal", "masked"):
+    if task in ("causal", "masked", "seq2seq"):
         kwargs["labels"] = input_ids.clone()
     model.train()
     return ModelSpec(model, (), kwargs, None, f"hf:{model_type}")
 
 
-def _build_hf_model(transformers: Any, config: Any, model_type: str, attn: str, seed: int) -> tuple[Any, str]:
-    torch.manual_seed(seed)
-    # Encoders that have a masked-LM head (BERT, RoBERTa) train as masked LMs; decoders as causal LMs.
+def _build_hf_model(transformers: Any, config: Any, model_type: str, attn: str | None, seed: int) -> tuple[Any, str]:
+    # Encoders that have a masked-LM head (BERT, RoBERTa) train as masked LMs; decoders as causal LMs;
+    # encoder-decoders (T5, BART) as sequence-to-sequence LMs, whose labels also feed the decoder.
     for auto_class, task in (("AutoModelForMaskedLM", "masked"), ("AutoModelForCausalLM", "causal"),
-                             ("AutoModel", "base")):
+                             ("AutoModelForSeq2SeqLM", "seq2seq"), ("AutoModel", "base")):
         auto = getattr(transformers, auto_class)
         if type(config) not in auto._model_mapping:
             continue
-        try:
-            return auto.from_config(config, attn_implementation=attn), task
-        except (ValueError, ImportError):
-            return auto.from_config(config), task
-    raise SpecError(f"hf:{model_type} has no causal-LM, masked-LM or base model class in transformers; "
+        # SDPA where the architecture has it (FlexAttention-friendly, matched by sas), else eager.
+        for implementation in ([attn] if attn else ["sdpa", "eager"]):
+            torch.manual_seed(seed)
+            try:
+                return auto.from_config(config, attn_implementation=implementation), task
+            except (ValueError, ImportError) as error:
+                failure = error
+                if attn or "attention" not in str(error).lower():
+                    break
+            except Exception as error:  # transformers' own checks (assertions on the config)
+                failure = error
+                break
+        raise SpecError(f"hf:{model_type}: building the model failed ({type(failure).__name__}: "
+                        f"{str(failure).splitlines()[0][:200]}); check the --model-arg values") from None
+    raise SpecError(f"hf:{model_type} has no masked-LM, causal-LM, seq2seq or base model class in transformers; "
                     "write a model file instead")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from effcompile.spec import ModelSpec, load_file_spec, load_hf_spec
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -47,3 +48,23 @@ def arch(request) -> str:
 def spec(arch) -> ModelSpec:
     """A tiny ModelSpec of each architecture in turn."""
     return tiny_spec(arch)
+
+
+def generic_tiny_overrides(model_type: str) -> dict:
+    """Shrink any transformers config to 2 layers, width 64, 4 heads, vocab 128 (fields it has)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    overrides = {}
+    for keys, value in ((("n_layer", "num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers",
+                          "num_decoder_layers"), 2),
+                        (("n_embd", "hidden_size", "d_model"), 64),
+                        (("n_head", "num_attention_heads", "num_heads", "encoder_attention_heads",
+                          "decoder_attention_heads"), 4),
+                        (("num_key_value_heads",), 2),
+                        (("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim"), 128),
+                        (("vocab_size",), 128), (("d_kv",), 16)):
+        for key in keys:
+            if getattr(config, key, None) is not None:
+                overrides[key] = value
+    return overrides

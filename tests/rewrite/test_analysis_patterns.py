@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, example_gpt_spec, tiny_spec
 
 from effcompile.analysis import analyze, measure_saved_bytes, parameter_count, to_networkx
 from effcompile.capture import capture
 from effcompile.patterns import find_attention, find_linears
+
+from conftest import ARCHITECTURES, example_gpt_spec, tiny_spec
 
 # Linear-like sites per tiny architecture (2 layers): GPT-2 Conv1D ×4 + lm_head; Llama q,k,v,o,gate,up,down
 # ×2 + lm_head; BERT q,k,v,o,intermediate,output ×2 + pooler-free MLM transform + decoder.

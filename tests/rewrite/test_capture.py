@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, example_gpt_spec, tiny_spec
 
 import effcompile
 from effcompile.capture import capture
 from effcompile.errors import CaptureError
 from effcompile.graph import module_path
 from effcompile.spec import ModelSpec
+
+from conftest import ARCHITECTURES, example_gpt_spec, tiny_spec
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -74,3 +75,26 @@ def test_uncapturable_model_names_the_line():
         capture(spec)
     message = str(error.value)
     assert "test_capture.py" in message and "symbolic_trace" in message and "torch.export" in message
+
+
+# Architectures beyond the three the passes are tested on: decoder variants, an encoder, seq2seq,
+# and GPT-Neo's eager (explicit) attention.
+OTHER_ARCHITECTURES = {"mistral": ("sdpa", 15), "qwen2": ("sdpa", 15), "gpt_neox": ("sdpa", 9),
+                       "roberta": ("sdpa", 14), "t5": ("sdpa", 33), "gpt_neo": ("explicit", 13)}
+
+
+@pytest.mark.parametrize("model_type", sorted(OTHER_ARCHITECTURES))
+def test_other_hf_architectures_capture_verify_and_match(model_type):
+    from effcompile.patterns import find_attention, find_linears
+    from effcompile.spec import load_hf_spec
+
+    from conftest import generic_tiny_overrides
+
+    spec = load_hf_spec(model_type, generic_tiny_overrides(model_type), batch=2, seq=16)
+    result = effcompile.compile(spec, passes=["identity"], measure=False)
+    verify = result.report.record("identity").verify
+    assert verify.ok and verify.output_max_abs == 0.0 and verify.grads_compared > 0
+    kind, linears = OTHER_ARCHITECTURES[model_type]
+    assert len(find_linears(result.module)) == linears
+    attention = find_attention(result.module)
+    assert attention and {a.kind for a in attention} == {kind}

@@ -6,11 +6,13 @@ import sys
 import textwrap
 from pathlib import Path
 
-import effcompile
 import pytest
 import torch
-from conftest import ROOT, TINY_CONFIGS
+
+import effcompile
 from effcompile.cli import main
+
+from conftest import ROOT, TINY_CONFIGS
 
 
 def run(argv, capsys):

@@ -3,14 +3,16 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
-import effcompile
 import pytest
 import torch
-from conftest import example_gpt_spec
+
+import effcompile
 from effcompile import pass_manager
 from effcompile.errors import OptionError, VerificationError
 from effcompile.graph import finalize
 from effcompile.options import build_config, load_config_file, merge_options, parse_set_options
+
+from conftest import example_gpt_spec
 
 
 @dataclass(frozen=True)
