@@ -39,9 +39,9 @@ def main() -> None:
     print(f"{'layers':>6} {'nodes':>6} {'torch.export s':>15} {'capture s':>10} {'analysis s':>11} {'capture+analysis s':>19}")
     for layers in args.layers:
         spec = load_hf_spec("gpt2", {"n_layer": layers}, batch=2, seq=128)
-        reference, _ = _best(lambda: torch.export.export(spec.module, (), spec.kwargs, strict=False), args.repeat)
-        capture_s, program = _best(lambda: capture(spec), args.repeat)
-        analysis_s, _ = _best(lambda: analyze(program), args.repeat)
+        reference, _ = _best(lambda s=spec: torch.export.export(s.module, (), s.kwargs, strict=False), args.repeat)
+        capture_s, program = _best(lambda s=spec: capture(s), args.repeat)
+        analysis_s, _ = _best(lambda p=program: analyze(p), args.repeat)
         row = {"layers": layers, "nodes": len(program.gm.graph.nodes), "torch_export_s": round(reference, 3),
                "capture_s": round(capture_s, 3), "analysis_s": round(analysis_s, 3),
                "total_s": round(capture_s + analysis_s, 3)}
