@@ -123,9 +123,15 @@ def _batch_dynamic_shapes(spec: ModelSpec) -> tuple | dict:
 
 def _drop_runtime_guards(gm: torch.fx.GraphModule) -> None:
     """Remove the input-shape guard torch.export inserts (``_guards_fn``): rewritten graphs are run on
-    batches of other sizes (micro-batches, validation), which the static guard would refuse."""
+    batches of other sizes (micro-batches, validation), which the static guard would refuse. Remove the
+    dtype assertions too (see below)."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+        # Export pins each `.to()` result's capture-time dtype with an assertion; under torch.autocast or
+        # after a precision pass those dtypes legitimately change, so the checks would only get in the way.
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default \
+                and not node.users:
             gm.graph.erase_node(node)
     if "_guards_fn" in gm._modules:
         del gm._modules["_guards_fn"]

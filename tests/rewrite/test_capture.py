@@ -98,3 +98,11 @@ def test_other_hf_architectures_capture_verify_and_match(model_type):
     assert len(find_linears(result.module)) == linears
     attention = find_attention(result.module)
     assert attention and {a.kind for a in attention} == {kind}
+
+
+def test_exported_graph_runs_under_autocast():
+    program = capture(tiny_spec("llama"))
+    with torch.autocast("cpu", torch.bfloat16):
+        output = program.run()
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
