@@ -13,6 +13,7 @@ has them, nobody here wrote them), or any text file or folder.
 
 from __future__ import annotations
 
+import os
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from .errors import SpecError
 VOCAB_SIZE = 256
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".toml", ".json", ".cfg", ".ini", ".c", ".h", ".html")
 _SEPARATOR = b"\n\n"
+_SKIPPED = {"site-packages", "dist-packages", "__pycache__"}
 
 
 @dataclass
@@ -58,16 +60,12 @@ def stdlib_root() -> Path:
 
 
 def list_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """Files under ``root`` ending in one of ``suffixes``, sorted by relative path; ``site-packages``
-    and ``__pycache__`` (installed third-party code, bytecode) are skipped."""
+    """Files under ``root`` ending in one of ``suffixes``, sorted by relative path; ``site-packages``,
+    ``__pycache__`` and hidden folders (installed third-party code, bytecode) are not entered."""
     files = []
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        if any(part in ("site-packages", "dist-packages", "__pycache__") or part.startswith(".")
-               for part in relative.parts):
-            continue
-        if path.suffix in suffixes and path.is_file():
-            files.append(path)
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _SKIPPED and not d.startswith(".")]
+        files.extend(Path(folder) / name for name in names if name.endswith(suffixes))
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

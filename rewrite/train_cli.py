@@ -1,0 +1,378 @@
+"""``effcompile train``: build or load a model, compile it with the chosen passes, and train it on a
+byte-level corpus with a progress bar (loss, tokens/s), periodic validation, checkpoints and a JSON log.
+
+    effcompile train hf:gpt2 --model-arg n_layer=6 --steps 500 --data stdlib --aga --lclr --out runs/a
+    effcompile train out/ --steps 100 --resume --out runs/a          # a folder written by effcompile --out
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError, OutputError, SpecError
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``effcompile train``."""
+    from .train import OPTIMIZERS, TrainConfig
+
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="effcompile train",
+        description="Train a model (a model file, hf:<type>, or a folder written by `effcompile --out`) on a "
+                    "byte-level corpus (the Python standard library's sources by default).")
+    parser.add_argument("model", help="model file, hf:<model_type>, or an effcompile --out folder")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
+    parser.add_argument("--data", default="stdlib", help="stdlib (the Python standard library's .py files), "
+                        "a text file, or a folder of text files (default stdlib)")
+    parser.add_argument("--max-bytes", type=int, default=None, help="read at most this many bytes of data")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of files held out (default 0.05)")
+    parser.add_argument("--passes", default="", help="comma-separated passes to compile with (model files, hf:)")
+    parser.add_argument("--set", dest="set_options", action="append", default=[], metavar="PASS.OPTION=VALUE",
+                        help="a pass option, e.g. --set amp.dtype=bfloat16 (repeatable)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a Hugging Face config field (vocab_size=256 is added for hf: models)")
+    parser.add_argument("--capture", default="auto", choices=("auto", "symbolic_trace", "export"))
+    parser.add_argument("--optimizer", default=defaults.optimizer, choices=OPTIMIZERS)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"base learning rate (default {defaults.lr})")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="global norm clip (0: off)")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps")
+    parser.add_argument("--schedule", default=defaults.schedule, choices=("constant", "cosine"),
+                        help="LR after warm-up when --lclr is off")
+    parser.add_argument("--lclr", action="store_true", help="layer-wise cosine LR: η·γ^(ℓ/L)·(1+cos πt/T)/2")
+    parser.add_argument("--lclr-gamma", type=float, default=defaults.lclr_gamma, help="γ (head LR / embedding LR)")
+    parser.add_argument("--accum", type=int, default=defaults.accum, help="micro-batches per step (AGA's start)")
+    parser.add_argument("--aga", action="store_true", help="adaptive gradient accumulation N=⌈α·σ²/ε²⌉")
+    parser.add_argument("--aga-alpha", type=float, default=defaults.aga_alpha, help="α (default 1)")
+    parser.add_argument("--aga-relative", action="store_true",
+                        help="ε as a fraction of the gradient RMS: N follows the gradient noise scale")
+    parser.add_argument("--aga-epsilon", type=float, default=None, help="ε (default: calibrated so N starts at --accum)")
+    parser.add_argument("--max-accum", type=int, default=defaults.max_accum, help="upper clamp of N (default 16)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per micro-batch (default 8, or the "
+                        "model file's example batch)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128, or the model "
+                        "file's example length)")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    parser.add_argument("--eval-batches", type=int, default=defaults.eval_batches)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--target-loss", type=float, default=None, help="stop when validation loss ≤ this")
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop after this much training time")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--out", help="log folder: log.jsonl (one line per step), summary.json, checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    parser.add_argument("--force", action="store_true", help="start over in a --out folder that holds a run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backend", default="torch", choices=("torch", "ort"),
+                        help="torch, or ort (ONNX Runtime training artifacts of an --out folder)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``effcompile train``. Returns the exit code; raises EffcompileError for bad input
+    (the main CLI prints it as one line and exits 2)."""
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    _check_out(args)
+    if args.backend == "ort":
+        return _train_ort(args)
+    return _train_torch(args)
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    if args.resume and not args.out:
+        raise OptionError("--resume needs --out LOGDIR (the folder holding the checkpoint)")
+    if not args.out:
+        return
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; pass a folder path")
+    if args.resume:
+        return
+    holds_run = any((out / name).exists() for name in ("log.jsonl", "checkpoint.pt", "ort_state.json"))
+    if holds_run and not args.force:
+        raise OutputError(f"--out {out} already holds a training run; pass --resume to continue it, "
+                          "--force to start over, or another folder")
+    if holds_run:
+        for name in ("log.jsonl", "checkpoint.pt", "summary.json", "ort_state.json"):
+            (out / name).unlink(missing_ok=True)
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OptionError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def _is_saved_folder(path: str) -> bool:
+    folder = Path(path)
+    return folder.is_dir() and ((folder / "module").is_dir() or (folder / "structure.pt").exists()
+                                or (folder / "onnx").is_dir())
+
+
+def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
+    """The thing to train (CompileResult or loaded module) and the micro-batch and sequence sizes."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from . import compile as compile_model
+    from . import load
+    from .options import parse_set_options
+    from .spec import parse_model_args, resolve_spec
+
+    passes = [p for p in args.passes.split(",") if p.strip()]
+    if _is_saved_folder(args.model):
+        if passes or args.set_options or args.model_arg:
+            raise OptionError(f"{args.model} is an already compiled folder; --passes/--set/--model-arg apply to "
+                              "model files and hf: types only")
+        if not (Path(args.model) / "module").is_dir() and not (Path(args.model) / "structure.pt").exists():
+            raise SpecError(f"{args.model} holds no module/ folder (only ONNX artifacts); use --backend ort")
+        return load(args.model, device), args.batch or 8, args.seq or 128
+    batch, seq = args.batch or 8, args.seq or 128
+    model_args = list(args.model_arg)
+    if args.model.startswith("hf:"):
+        given = parse_model_args(model_args)
+        vocab = given.get("vocab_size")
+        if vocab is None:
+            model_args.append("vocab_size=256")
+        elif not isinstance(vocab, int) or vocab < 256:
+            raise SpecError(f"--model-arg vocab_size={vocab} is below 256; the byte-level corpus needs vocab_size=256")
+        spec = resolve_spec(args.model, model_args, max(batch, 2), seq)
+    else:
+        spec = resolve_spec(args.model, model_args)
+        tokens = [t for t in pytree.tree_leaves((spec.args, spec.kwargs))
+                  if isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_floating_point()]
+        if tokens:
+            batch, seq = args.batch or int(tokens[0].shape[0]), args.seq or int(tokens[0].shape[1])
+    if device.type != "cpu":
+        spec.module.to(device)
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        spec.args, spec.kwargs = pytree.tree_map(move, spec.args), pytree.tree_map(move, spec.kwargs)
+    result = compile_model(spec, passes=passes, options=parse_set_options(args.set_options),
+                           capture_path=args.capture, measure=False)
+    return result, batch, seq
+
+
+def _config(args: argparse.Namespace, batch: int, seq: int) -> Any:
+    from .train import TrainConfig
+
+    return TrainConfig(
+        steps=args.steps, batch=batch, seq=seq, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, warmup=args.warmup, schedule=args.schedule, lclr=args.lclr,
+        lclr_gamma=args.lclr_gamma, accum=args.accum, aga=args.aga, aga_alpha=args.aga_alpha,
+        aga_epsilon=args.aga_epsilon, aga_relative=args.aga_relative, max_accum=args.max_accum, eval_every=args.eval_every,
+        eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, target_loss=args.target_loss,
+        max_train_seconds=args.max_seconds, seed=args.seed)
+
+
+class _Progress:
+    """A rich progress bar showing loss, validation loss, N and tokens/s; validation lines printed above it."""
+
+    def __init__(self, total: int, start: int, quiet: bool) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.progress = None if quiet else Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+        self.task = None
+        self.total, self.start = total, start
+        self.val: float | None = None
+
+    def __enter__(self) -> _Progress:
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, completed=self.start, info="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if "val_loss" in record:
+            self.val = record["val_loss"]
+            self.console.print(f"step {record['step'] + 1}: val_loss {self.val:.4f}  tokens {record['tokens']:,}",
+                               highlight=False)
+        if self.progress is None:
+            return
+        info = f"loss {record['loss']:.4f}"
+        if self.val is not None:
+            info += f"  val {self.val:.4f}"
+        info += f"  N {record.get('accum', 1)}  {record['tokens_per_s']:,.0f} tok/s"
+        if "peak_mem_bytes" in record:
+            info += f"  {record['peak_mem_bytes'] / 2**30:.2f} GiB"
+        self.progress.update(self.task, completed=record["step"] + 1, info=info)
+
+
+def _print_summary(summary: dict[str, Any], out: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="effcompile train")
+    table.add_column("")
+    table.add_column("value")
+    rows = [("steps", summary["steps"]), ("tokens", f"{summary['tokens']:,}"),
+            ("train seconds", f"{summary['train_seconds']:.1f}"),
+            ("final validation loss", "-" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4f}")]
+    if summary.get("target_reached"):
+        hit = summary["target_reached"]
+        rows.append(("target reached", f"step {hit['step']}, {hit['tokens']:,} tokens, {hit['train_s']:.1f} s"))
+    if out:
+        rows.append(("log", str(Path(out) / "log.jsonl")))
+    for key, value in rows:
+        table.add_row(key, str(value))
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+def _train_torch(args: argparse.Namespace) -> int:
+    from .data import load_corpus
+    from .train import Trainer
+
+    device = _device(args.device)
+    corpus = load_corpus(args.data, args.val_fraction, args.seed, args.max_bytes)
+    model, batch, seq = _build(args, device)
+    trainer = Trainer(model, corpus, _config(args, batch, seq), log_dir=args.out)
+    if args.resume:
+        trainer.load_checkpoint()
+    with _Progress(args.steps, trainer.step, args.quiet) as progress:
+        result = trainer.run(progress)
+    _print_summary(result.to_dict(), args.out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ ORT backend
+
+def _ort_folder(model: str) -> Path:
+    folder = Path(model)
+    for candidate in (folder / "onnx", folder):
+        if (candidate / "effcompile_onnx.json").exists():
+            return candidate
+    raise SpecError(f"--backend ort needs a folder written by `effcompile MODEL --export onnx --out DIR`; "
+                    f"{model} holds no onnx/effcompile_onnx.json")
+
+
+def _ort_shape(folder: Path) -> tuple[int | None, int | None]:
+    """The (batch, seq) the training model's first input was exported with (None where symbolic)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(folder / "training_model.onnx"), load_external_data=False)
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        return (values[0], values[1]) if len(values) == 2 else (None, None)
+    except Exception:  # the shapes are a convenience default; the step reports real mismatches
+        return None, None
+
+
+def _train_ort(args: argparse.Namespace) -> int:
+    """Train ONNX Runtime training artifacts: AdamW as exported, the LR schedule applied per step."""
+    try:
+        from .export.ort_train import OrtTrainer
+    except ImportError as error:
+        raise OptionError(f"--backend ort is not available ({error}); pip install 'effcompile[ort]'") from error
+    from .data import Batches, load_corpus
+    from .train import LayerSchedule
+
+    unsupported = [flag for flag, on in (("--aga", args.aga), ("--lclr", args.lclr), ("--passes", args.passes),
+                                         ("--optimizer " + args.optimizer, args.optimizer != "adamw"),
+                                         ("--accum", args.accum != 1)) if on]
+    if unsupported:
+        raise OptionError(f"{', '.join(unsupported)} not available with --backend ort (its optimizer and graph "
+                          "are fixed at export); drop them or use --backend torch")
+    folder = _ort_folder(args.model)
+    export_batch, export_seq = _ort_shape(folder)
+    config = _config(args, args.batch or export_batch or 8, args.seq or export_seq or 128)
+    out = Path(args.out) if args.out else None
+    state_file = out / "ort_state.json" if out else None
+    checkpoint = out / "ort_checkpoint" if out else None
+    step, position, tokens, seconds = 0, 0, 0, 0.0
+    validation: list[dict[str, Any]] = []
+    if args.resume:
+        assert state_file is not None
+        if not state_file.exists():
+            raise SpecError(f"--resume: {state_file} does not exist; run without --resume first")
+        saved = json.loads(state_file.read_text())
+        step, position, tokens, seconds, validation = (saved["step"], saved["position"], saved["tokens"],
+                                                       saved["train_seconds"], saved["validation"])
+    trainer = OrtTrainer(folder, checkpoint if args.resume else None, lr=args.lr,
+                         device="cuda" if args.device.startswith("cuda") else "cpu")
+    corpus = load_corpus(args.data, args.val_fraction, args.seed, args.max_bytes)
+    batches = Batches(corpus.train, config.batch, config.seq, config.seed)
+    val_batches = Batches(corpus.validation, config.batch, config.seq, config.seed).fixed(config.eval_batches)
+    schedule = LayerSchedule(0, 0, 1.0, config.warmup, config.steps, config.schedule == "cosine")
+
+    def feeds(tokens: Any) -> dict[str, Any]:
+        return {name: tokens * 0 + 1 if name == "attention_mask" else tokens for name in trainer.input_names}
+
+    log_file = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = (out / "log.jsonl").open("a")
+    try:
+        with _Progress(config.steps, step, args.quiet) as progress:
+            while step < config.steps:
+                lr = config.lr * schedule(step)
+                trainer.set_learning_rate(lr)
+                tokens_batch = batches.batch(position)
+                position += 1
+                try:
+                    loss = trainer.step(feeds(tokens_batch))
+                except Exception as error:  # ORT's shape errors: name the likely cause
+                    raise SpecError(f"ORT training step failed ({str(error).splitlines()[0][:200]}); the artifacts "
+                                    "fix the shapes they were exported with: pass the export's --batch/--seq") from error
+                seconds += trainer.last_step_seconds
+                tokens += tokens_batch.numel()
+                record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "accum": 1, "tokens": tokens,
+                                          "tokens_per_s": tokens_batch.numel() / max(trainer.last_step_seconds, 1e-9),
+                                          "step_s": trainer.last_step_seconds, "train_s": seconds}
+                step += 1
+                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+                    record["val_loss"] = sum(trainer.eval(feeds(b)) for b in val_batches) / len(val_batches)
+                    validation.append({"step": step, "val_loss": record["val_loss"], "tokens": tokens, "train_s": seconds})
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                progress(record)
+                periodic = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
+                if out is not None and (step == config.steps or periodic):
+                    trainer.save_checkpoint(checkpoint)
+                    state_file.write_text(json.dumps({"step": step, "position": position, "tokens": tokens,
+                                                      "train_seconds": seconds, "validation": validation}))
+                if config.target_loss is not None and validation and validation[-1]["val_loss"] <= config.target_loss:
+                    break
+    finally:
+        if log_file is not None:
+            log_file.close()
+    summary = {"steps": step, "tokens": tokens, "train_seconds": seconds, "backend": "ort",
+               "final_val_loss": validation[-1]["val_loss"] if validation else None, "validation": validation,
+               "config": dataclasses.asdict(config), "data": corpus.summary()}
+    if out is not None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _print_summary(summary, args.out)
+    return 0
