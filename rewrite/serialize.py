@@ -43,8 +43,14 @@ def _graph_state(graph: torch.fx.Graph) -> dict[str, Any]:
         args = map_arg(node.args, lambda n: _NodeRef(n.name))
         kwargs = map_arg(node.kwargs, lambda n: _NodeRef(n.name))
         meta = {k: v for k, v in node.meta.items() if k.startswith(_KEPT_META)}
+        if "nn_module_stack" in meta:  # symbolic_trace stores classes; a user's class may not import later
+            meta["nn_module_stack"] = {key: (path, _type_name(kind)) for key, (path, kind) in meta["nn_module_stack"].items()}
         nodes.append((node.name, node.op, node.target, args, kwargs, node.type, meta))
     return {"nodes": nodes, "codegen": graph._codegen}
+
+
+def _type_name(kind: Any) -> str:
+    return kind if isinstance(kind, str) else f"{getattr(kind, '__module__', '')}.{getattr(kind, '__qualname__', kind)}"
 
 
 def _rebuild_graph(state: dict[str, Any]) -> torch.fx.Graph:

@@ -193,3 +193,14 @@ def test_console_script_no_traceback_and_debug_shows_it(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     result = subprocess.run([str(exe), str(tmp_path / "missing.py"), "--debug"], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_module_from_a_model_file_loads_in_a_new_process(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, _ = run([ROOT / "examples" / "gpt.py", "--out", out], capsys)
+    assert code == 0
+    script = (f"import torch, effcompile; m = effcompile.load({str(out)!r}); "
+              "print(tuple(m(torch.zeros(2, 64, dtype=torch.long)).shape))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert "(2, 64, 256)" in result.stdout
