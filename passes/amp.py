@@ -1,0 +1,454 @@
+"""``amp``: mixed precision written into the graph — casts are ordinary nodes you can read, save and export.
+
+``torch.autocast`` decides precision at run time and disappears at export; this pass writes the same
+decisions into the graph (policy in ``passes/_amp_policy.py``):
+
+1. Turn ``nn.Linear`` / ``nn.Conv{1,2,3}d`` call_module nodes into ``F.linear`` / ``F.conv*`` on
+   ``get_attr`` parameters (symbolic-trace graphs), so their weights can be cast like any input.
+2. ``causal_mask``: an SDPA whose mask is the causal mask built from shapes only gets
+   ``is_causal=True`` and no mask (exact; the flash kernel, bf16/fp16 only, refuses explicit masks,
+   and eager Hugging Face models take this shortcut themselves — capture turns it off).
+3. Cast every float32 input of a low-precision op (matmul, linear, addmm, bmm, conv, SDPA, and any
+   call_module whose module has ``low_precision_ok = True``) to ``dtype`` with
+   ``aten._to_copy.default(x, dtype=...)``; parameters included (``per_step``: float32 master
+   weights, cast where used; a weight used by several ops is cast once per forward).
+4. Cast the inputs of ``keep_fp32`` ops, leaf modules holding float parameters (LayerNorm,
+   Embedding...) and the graph's outputs (``cast_outputs``) back to their original dtype; ops in
+   neither list run in their inputs' dtype with type promotion, as under autocast.
+5. Simplify: drop casts whose input already has the target dtype, replace ``cast(cast(y, wide),
+   narrow)`` by ``y`` when ``y`` already is ``narrow`` (exact), merge casts of one value to one dtype.
+6. Promote ops (``cat``, ``addcmul``, ``index_put``...) whose inputs now differ get them cast to
+   the widest; export's ``_assert_tensor_metadata`` checks get the new dtypes.
+7. ``cast_params=once``: trainable weights go through a ``LowPrecisionWeights`` module that keeps a
+   low-precision copy until the float32 master changes; frozen weights used only in low precision
+   are stored in ``dtype`` (no float32 copy, no cast).
+
+Dtypes come from running the graph once (no grad) on the example inputs before and after inserting
+casts. The convention for modules other passes install: a call_module whose module has a truthy
+``low_precision_ok`` attribute receives low-precision inputs and must handle its own parameters.
+
+Gradients always reach the float32 parameters as float32 (autograd of ``_to_copy``), so any
+optimizer works unchanged. ``float16`` needs loss scaling: use ``torch.amp.GradScaler`` exactly as
+with autocast (``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch.fx.node import map_arg
+from torch.utils import _pytree as pytree
+
+from effcompile.errors import OptionError, PassError
+from effcompile.graph import set_submodule
+from effcompile.pass_manager import Pass, PassRecord, register
+from effcompile.program import Program
+
+from ._amp_causal import causal_mask_candidates, is_causal_value, set_causal
+from ._amp_policy import DEFAULT_KEEP_FP32, KEEP_FP32_CLASSES, classify, is_known_op, keep_fp32_names, op_name
+from ._amp_weights import LowPrecisionWeights
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+CAST = aten._to_copy.default
+WEIGHTS_MODULE = "amp_weights"
+_META = "effcompile_amp"
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast never touches float64
+_CONV = {torch.nn.Conv1d: F.conv1d, torch.nn.Conv2d: F.conv2d, torch.nn.Conv3d: F.conv3d}
+
+
+def _float8_requirement() -> str | None:
+    """Why float8 training cannot run here (None if it could)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        return "a Hopper-or-newer CUDA GPU (sm_90+)"
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        return "torchao (pip install torchao)"
+    return None
+
+
+@register
+class Amp(Pass):
+    """Mixed precision as graph nodes: low-precision matmuls and attention, float32 elsewhere."""
+
+    name = "amp"
+    summary = "mixed precision as explicit casts: bf16/fp16 matmuls and attention, fp32 master weights"
+    exact = False
+
+    @dataclass(frozen=True)
+    class Config:
+        dtype: Literal["bfloat16", "float16", "float8"] = field(default="bfloat16", metadata={
+            "help": "low-precision dtype of matmuls/attention (float16 needs torch.amp.GradScaler)"})
+        keep_fp32: tuple[str, ...] = field(default=DEFAULT_KEEP_FP32, metadata={
+            "help": "op classes (softmax, norm, reduction, loss, exp_log_pow, cumulative) or op names kept "
+                    "in float32; 'none' for no class"})
+        cast_params: Literal["per_step", "once"] = field(default="per_step", metadata={
+            "help": "per_step: float32 weights cast where used each forward; once: a low-precision copy "
+                    "kept until the weight changes (frozen weights stored in low precision)"})
+        cast_outputs: bool = field(default=True, metadata={
+            "help": "cast floating graph outputs back to their original dtype (False: as computed, like autocast)"})
+        causal_mask: bool = field(default=True, metadata={
+            "help": "give SDPA calls whose mask is a materialised causal mask is_causal=True instead (exact; "
+                    "lets the flash kernel run)"})
+        compare_autocast: bool = field(default=True, metadata={
+            "help": "also run the model under torch.autocast and record the error against it"})
+
+        def __post_init__(self) -> None:
+            keep = tuple(k for k in self.keep_fp32 if k.lower() != "none")
+            object.__setattr__(self, "keep_fp32", keep)
+            unknown = [k for k in keep if not is_known_op(k)]
+            if unknown:
+                raise OptionError(f"amp: keep_fp32 entry {unknown[0]!r} is neither an op class "
+                                  f"({', '.join(KEEP_FP32_CLASSES)}) nor an op name; fix --set amp.keep_fp32")
+            if self.dtype == "float8":
+                missing = _float8_requirement()
+                if missing is not None:
+                    raise OptionError(f"amp: dtype float8 needs {missing} and torchao's float8 training; "
+                                      "use --set amp.dtype=bfloat16 here")
+                raise OptionError("amp: dtype float8 is not implemented yet (needs torchao float8 linears); "
+                                  "use --set amp.dtype=bfloat16")
+
+    def call(self, program: Program, config: Config) -> PassRecord:
+        low = DTYPES[config.dtype]
+        previous = program.meta.get("amp")
+        if previous is not None and previous["dtype"] != config.dtype:
+            raise PassError(f"amp: the program is already in {previous['dtype']}; run amp once "
+                            f"(drop the second amp or its dtype={config.dtype})")
+        gm, graph = program.gm, program.gm.graph
+        existing = {n for n in graph.nodes if n.meta.get(_META)}
+        converted = _functionalize_modules(gm)
+        asserts = relax_dtype_asserts(graph)
+        gm.recompile()
+        reference = _autocast_reference(program, low) if config.compare_autocast else None
+        candidates = causal_mask_candidates(gm) if config.causal_mask else []
+        original, values = _propagate_dtypes(program, keep={mask for _, mask in candidates})
+        causal = [sdpa for sdpa, mask in candidates if is_causal_value(values.get(mask))]
+        for sdpa in causal:
+            set_causal(sdpa)
+        fp32_names = keep_fp32_names(config.keep_fp32)
+
+        classes: dict[torch.fx.Node, str] = {n: classify(gm, n, fp32_names) for n in graph.nodes}
+        low_ops = [n for n, c in classes.items() if c == "low"]
+        if not low_ops:  # the program is discarded: nothing above needs undoing
+            return PassRecord(self.name, changed=False, reason="no matmul, linear, conv or attention op to run "
+                              f"in {config.dtype}")
+        inserter = _CastInserter(graph)
+        for node in list(graph.nodes):
+            kind = classes.get(node, "other")
+            if kind == "low":
+                inserter.cast_inputs(node, lambda v: original.get(v) in _CASTABLE and original[v] != low,
+                                     lambda v: low)
+            elif kind in ("fp32", "module_fp32") or (node.op == "output" and config.cast_outputs):
+                inserter.cast_inputs(node, lambda v: _is_float(original.get(v)), lambda v: original[v])
+        current, _ = _propagate_dtypes(program, recompile=True)
+        removed = _simplify(graph, current)
+        promoted = _promote(graph, classes, current, inserter)
+        if promoted:
+            current, _ = _propagate_dtypes(program, recompile=True)
+        _restore_dtype_asserts(asserts, current)
+        stored_low, cached = _cast_params_once(gm, low) if config.cast_params == "once" else ([], 0)
+        # finalize() minus delete_all_unused_submodules: that would drop tied-weight aliases
+        # (GPT-2's transformer.wte.weight, read through lm_head.weight) from the state dict.
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+
+        alive = set(graph.nodes)
+        casts = [n for n in graph.nodes if n.meta.get(_META) == "cast"]
+        to_low = sum(1 for n in casts if n.kwargs["dtype"] == low)
+        changed = bool(converted or stored_low or cached or causal or
+                       any(n not in existing for n in graph.nodes if n.meta.get(_META)))
+        program.meta["amp"] = {"dtype": config.dtype, "cast_params": config.cast_params}
+        op_counts = Counter(op_name(n) or str(n.target) for n in low_ops if n.op != "call_module")
+        op_counts.update("module" for n in low_ops if n.op == "call_module")
+        details: dict[str, Any] = {
+            "summary": f"{len(low_ops)} ops in {config.dtype} ({_describe(op_counts)}); {len(casts)} casts "
+                       f"({to_low} to {config.dtype}, {len(casts) - to_low} back to float32)",
+            "low_precision_ops": dict(op_counts), "casts": len(casts), "casts_to_low": to_low,
+            "casts_to_fp32": len(casts) - to_low, "casts_removed_by_simplification": removed,
+            "promoted_inputs": promoted, "modules_functionalized": converted,
+            "fp32_ops": dict(Counter(op_name(n) or type(gm.get_submodule(str(n.target))).__name__
+                                     for n, c in classes.items() if c == "fp32" and n in alive)),
+            "params_stored_low": stored_low, "params_cached": cached, "sdpa_made_causal": len(causal),
+        }
+        if reference is not None:
+            details["autocast"] = _compare_to_reference(program, reference)
+            error = details["autocast"]["output_max_rel"]
+            details["summary"] += f"; vs torch.autocast {error:.1e}" if isinstance(error, float) else ""
+        record = PassRecord(self.name, changed=changed, reason="" if changed else "already in mixed precision",
+                            stats={"casts": len(casts), "low_precision_ops": len(low_ops)}, details=details)
+        return record
+
+
+def _describe(counts: Counter) -> str:
+    return ", ".join(f"{count} {name}" for name, count in counts.most_common())
+
+
+def _is_float(dtype: torch.dtype | None) -> bool:
+    return dtype is not None and dtype.is_floating_point
+
+
+class _DtypeRecorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, keep: set[torch.fx.Node]) -> None:
+        super().__init__(gm)
+        self.dtypes: dict[torch.fx.Node, torch.dtype | None] = {}
+        self.keep = keep
+        self.values: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        result = super().run_node(node)
+        self.dtypes[node] = result.dtype if isinstance(result, torch.Tensor) else None
+        if node in self.keep:
+            self.values[node] = result
+        return result
+
+
+def _propagate_dtypes(program: Program, recompile: bool = False, keep: set[torch.fx.Node] | None = None
+                      ) -> tuple[dict[torch.fx.Node, torch.dtype | None], dict[torch.fx.Node, Any]]:
+    """The dtype of every node's value (None for non-tensors) and the values of the nodes in ``keep``,
+    from one no-grad run on the example inputs."""
+    if recompile:
+        program.gm.recompile()
+    recorder = _DtypeRecorder(program.gm, keep or set())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        recorder.run(*program.flat_inputs())
+    return recorder.dtypes, recorder.values
+
+
+class _CastInserter:
+    """Creates cast nodes right before their first consumer, one per (value, dtype)."""
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
+        self.graph = graph
+        self.casts: dict[tuple[torch.fx.Node, torch.dtype], torch.fx.Node] = {}
+
+    def cast(self, value: torch.fx.Node, dtype: torch.dtype, before: torch.fx.Node) -> torch.fx.Node:
+        """A node computing ``value.to(dtype)``, created before ``before`` unless one exists."""
+        key = (value, dtype)
+        if key not in self.casts:
+            with self.graph.inserting_before(before):
+                node = self.graph.call_function(CAST, (value,), {"dtype": dtype})
+            node.meta[_META] = "cast"
+            for meta_key in ("nn_module_stack", "stack_trace"):
+                if meta_key in before.meta:
+                    node.meta[meta_key] = before.meta[meta_key]
+            self.casts[key] = node
+        return self.casts[key]
+
+    def cast_inputs(self, node: torch.fx.Node, wanted: Any, target: Any) -> None:
+        """Replace each input ``v`` of ``node`` with ``wanted(v)`` by a cast of it to ``target(v)``."""
+        def replace(value: torch.fx.Node) -> torch.fx.Node:
+            if value.meta.get(_META) == "cast" or not wanted(value):
+                return value
+            return self.cast(value, target(value), node)
+
+        node.args = map_arg(node.args, replace)
+        node.kwargs = map_arg(node.kwargs, replace)
+
+
+def _pure_cast(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.dtype] | None:
+    """(source, dtype) if ``node`` only changes its input's dtype (ours or the model's own ``.to(dtype)``)."""
+    if node.op == "call_function" and node.target is CAST and set(node.kwargs) == {"dtype"}:
+        return node.args[0], node.kwargs["dtype"]
+    if node.op == "call_function" and node.target is aten.to.dtype and len(node.args) == 2 and not any(
+            node.kwargs.get(k) for k in ("non_blocking", "copy", "memory_format")):
+        return node.args[0], node.args[1]
+    return None
+
+
+def _simplify(graph: torch.fx.Graph, dtypes: dict[torch.fx.Node, torch.dtype | None]) -> int:
+    """Remove no-op casts and exact round trips, merge duplicate casts; returns how many casts went."""
+    removed = 0
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.meta.get(_META) != "cast":
+            continue
+        source, dtype = node.args[0], node.kwargs["dtype"]
+        replacement = None
+        if dtypes.get(source) == dtype:
+            replacement = source
+        else:
+            inner = _pure_cast(source) if isinstance(source, torch.fx.Node) else None
+            # cast(cast(y, wide), narrow) == y when y already is narrow: widening is exact.
+            if inner is not None and dtypes.get(inner[0]) == dtype and \
+                    _itemsize(dtypes.get(source)) >= _itemsize(dtype):
+                replacement = inner[0]
+        if replacement is None:
+            for other in list(source.users):  # an earlier cast of the same value to the same dtype
+                cast = _pure_cast(other)
+                if other is not node and cast is not None and cast[1] == dtype and order[other] < order[node]:
+                    replacement = other
+                    break
+        if replacement is not None:
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+def _itemsize(dtype: torch.dtype | None) -> int:
+    return torch.empty((), dtype=dtype).element_size() if dtype is not None else 0
+
+
+def _promote(graph: torch.fx.Graph, classes: dict[torch.fx.Node, str],
+             dtypes: dict[torch.fx.Node, torch.dtype | None], inserter: _CastInserter) -> int:
+    """Cast mixed-dtype inputs of promote ops to the widest of them; returns how many inputs were cast."""
+    promoted = 0
+    for node, kind in classes.items():
+        if kind != "promote":
+            continue
+        inputs = [dtypes.get(v) for v in node.all_input_nodes if _is_float(dtypes.get(v))]
+        if len(set(inputs)) <= 1:
+            continue
+        widest = max(inputs, key=_itemsize)
+
+        def wanted(value: torch.fx.Node, widest: torch.dtype = widest) -> bool:
+            return _is_float(dtypes.get(value)) and dtypes.get(value) != widest
+
+        promoted += sum(1 for v in node.all_input_nodes if wanted(v))
+        inserter.cast_inputs(node, wanted, lambda v, widest=widest: widest)
+    return promoted
+
+
+def relax_dtype_asserts(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """Drop the float dtype from export's ``_assert_tensor_metadata`` checks (they pin the capture-time
+    dtype, so the graph fails under ``torch.autocast`` or after casts); returns the nodes changed.
+    Call ``recompile()`` on the GraphModule afterwards."""
+    relaxed = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten._assert_tensor_metadata.default:
+            dtype = node.kwargs.get("dtype")
+            if dtype is not None and dtype.is_floating_point:
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dtype"}
+                relaxed.append(node)
+    return relaxed
+
+
+def _restore_dtype_asserts(asserts: list[torch.fx.Node], dtypes: dict[torch.fx.Node, torch.dtype | None]) -> None:
+    for node in asserts:
+        dtype = dtypes.get(node.args[0])
+        if dtype is not None:
+            node.kwargs = {**node.kwargs, "dtype": dtype}
+
+
+def _functionalize_modules(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``nn.Linear`` / ``nn.Conv*d`` (zero padding) call_module nodes as functional calls on
+    get_attr parameters (exact). Returns how many were rewritten."""
+    graph = gm.graph
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.kwargs or len(node.args) != 1:
+            continue
+        module = gm.get_submodule(str(node.target))
+        function = F.linear if type(module) is torch.nn.Linear else _CONV.get(type(module))
+        if function is None or (function is not F.linear and module.padding_mode != "zeros"):
+            continue
+        with graph.inserting_before(node):
+            weight = graph.get_attr(f"{node.target}.weight")
+            bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+            extra = () if function is F.linear else (module.stride, module.padding, module.dilation, module.groups)
+            new = graph.call_function(function, (node.args[0], weight, bias, *extra))
+        stack = dict(node.meta.get("nn_module_stack", {}))
+        stack.setdefault(str(node.target), (str(node.target), type(module)))
+        for created in (weight, bias, new):
+            if created is not None:
+                created.meta["nn_module_stack"] = stack
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        rewritten += 1
+    return rewritten
+
+
+def _cast_params_once(gm: torch.fx.GraphModule, low: torch.dtype) -> tuple[list[str], int]:
+    """``cast_params=once``: store frozen weights used only in ``low`` in ``low``; route trainable
+    weights' casts through a ``LowPrecisionWeights`` cache. Returns (stored names, cached count)."""
+    graph = gm.graph
+    uses: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            uses.setdefault(str(node.target), []).append(node)
+    stored, cached = [], 0
+    for target, getters in uses.items():
+        value = gm.get_parameter(target) if _is_parameter(gm, target) else None
+        if value is None or value.dtype != torch.float32:
+            continue
+        users = [u for g in getters for u in g.users]
+        low_casts = [u for u in users if u.meta.get(_META) == "cast" and u.kwargs["dtype"] == low]
+        if not low_casts:
+            continue
+        if not value.requires_grad and len(low_casts) == len(users):
+            owner, _, leaf = target.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, leaf,
+                    torch.nn.Parameter(value.detach().to(low), requires_grad=False))
+            for cast in low_casts:
+                cast.replace_all_uses_with(cast.args[0])
+                graph.erase_node(cast)
+            stored.append(target)
+            continue
+        if not hasattr(gm, WEIGHTS_MODULE):
+            set_submodule(gm, WEIGHTS_MODULE, LowPrecisionWeights(low))
+        for cast in low_casts:
+            with graph.inserting_before(cast):
+                cached_node = graph.call_module(WEIGHTS_MODULE, (cast.args[0], target))
+            cached_node.meta.update({k: v for k, v in cast.meta.items()})
+            cached_node.meta[_META] = "weight_cache"
+            cast.replace_all_uses_with(cached_node)
+            graph.erase_node(cast)
+            cached += 1
+    return stored, cached
+
+
+def _is_parameter(gm: torch.nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _autocast_reference(program: Program, low: torch.dtype) -> tuple[list[torch.Tensor], float | None] | None:
+    """Outputs and objective of the (float32) program under ``torch.autocast`` (no grad, seed 0)."""
+    device = next((t.device for t in list(program.gm.parameters()) + pytree.tree_leaves(program.args)
+                   if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=low):
+            return _forward(program)
+    except Exception as error:  # autocast may not support this dtype on this device: report, don't fail
+        log.info("amp: autocast reference failed: %s", error)
+        return None
+
+
+def _forward(program: Program) -> tuple[list[torch.Tensor], float | None]:
+    torch.manual_seed(0)
+    output = program.run()
+    leaves = [t.detach().float() for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)
+              and t.is_floating_point()]
+    try:
+        objective = float(program.objective(output))
+    except Exception:  # no objective: compare outputs only
+        objective = None
+    return leaves, objective
+
+
+def _compare_to_reference(program: Program, reference: tuple[list[torch.Tensor], float | None]) -> dict[str, Any]:
+    """Max relative output error (max|a-b| / max|b|) and losses of the rewritten program vs autocast."""
+    with torch.no_grad():
+        leaves, objective = _forward(program)
+    worst = 0.0
+    for new, ref in zip(leaves, reference[0]):
+        if new.shape == ref.shape and ref.numel():
+            scale = float(ref.abs().max())
+            worst = max(worst, float((new - ref).abs().max()) / (scale if scale > 0 else 1.0))
+    return {"output_max_rel": worst if math.isfinite(worst) else str(worst), "loss_autocast": reference[1],
+            "loss_amp": objective}
