@@ -7,10 +7,14 @@ import torch.fx
 
 
 def finalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """After a rewrite: drop dead nodes, check the graph, regenerate the code. Returns ``gm``."""
+    """After a rewrite: drop dead nodes, check the graph, regenerate the code. Returns ``gm``.
+
+    Submodules are kept even when no node reads them any more: they may own a tied parameter under its
+    original name (GPT-2's ``transformer.wte.weight`` is read through ``lm_head.weight``), and the state
+    dict must keep that name for checkpoints, PEFT and Hugging Face. A pass that replaces a module
+    removes the old one itself."""
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
-    gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
 
