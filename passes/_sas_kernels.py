@@ -366,7 +366,7 @@ class SparseAttention(torch.nn.Module):
         cache_key = (query_len, key_len, heads, str(query4.device))
         block_mask = self._block_masks.get(cache_key) if mask_mod is None else None
         if block_mask is None:
-            tiles = expand_tiles(self.tile_mask, heads, query_len, key_len, self.block_size).contiguous()
+            tiles = expand_tiles(self.tile_mask.to(query4.device), heads, query_len, key_len, self.block_size).contiguous()
             block_mask = build_block_mask(tiles, self.block_size, self.causal, query_len, key_len, mask_mod)
             if mask_mod is None:
                 self._block_masks[cache_key] = block_mask

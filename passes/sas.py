@@ -319,6 +319,9 @@ class StructuredAttentionSparsity(Pass):
         graph = gm.graph
         exported = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes)
         module = SparseAttention(config.block_size, plan.causal, plan.scale, plan.dropout_p, "reference")
+        device = next((p.device for p in gm.parameters()), None)
+        if device is not None:  # the tile mask lives with the model (FlexAttention needs it on the GPU)
+            module.to(device)
         module.mode = "probe"
         target = _unique_target(gm, site.path)
         set_submodule(gm, target, module)

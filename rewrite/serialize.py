@@ -77,6 +77,10 @@ def _rebuild_graph(state: dict[str, Any]) -> torch.fx.Graph:
 
 def _rebuild_graph_module(root: torch.nn.Module, state: dict[str, Any], class_name: str, extra: dict) -> torch.fx.GraphModule:
     gm = torch.fx.GraphModule(root, _rebuild_graph(state), class_name)
+    # GraphModule copies only what the graph reads; keep the whole tree (tied weights' owners included).
+    gm._modules.update(root._modules)
+    gm._parameters.update(root._parameters)
+    gm._buffers.update(root._buffers)
     for key, value in extra.items():
         setattr(gm, key, value)
     return gm
