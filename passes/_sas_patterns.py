@@ -105,5 +105,5 @@ def select_important_tiles(scores: torch.Tensor, causal: bool, density: float) -
 
 def tile_density(tiles: torch.Tensor, causal: bool) -> float:
     """Kept tiles over candidate tiles (all tiles, or the causal ones), averaged over heads."""
-    candidates = candidate_tiles(tiles.shape[-2], tiles.shape[-1], causal)
+    candidates = candidate_tiles(tiles.shape[-2], tiles.shape[-1], causal).to(tiles.device)
     return float((tiles & candidates).sum()) / float(candidates.sum() * tiles.shape[0])

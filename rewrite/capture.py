@@ -128,11 +128,17 @@ def _drop_runtime_guards(gm: torch.fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
             gm.graph.erase_node(node)
-        # Export pins each `.to()` result's capture-time dtype with an assertion; under torch.autocast or
-        # after a precision pass those dtypes legitimately change, so the checks would only get in the way.
-        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default \
-                and not node.users:
-            gm.graph.erase_node(node)
+    # Export pins each `.to()` result's capture-time dtype with an assertion; under torch.autocast or after
+    # a precision pass those dtypes legitimately change, so the checks would only get in the way. Nested
+    # graphs (torch.no_grad / autocast regions exported as higher-order ops) carry them too.
+    for module in gm.modules():
+        if isinstance(module, torch.fx.GraphModule):
+            asserts = [n for n in module.graph.nodes if n.op == "call_function" and not n.users
+                       and n.target is torch.ops.aten._assert_tensor_metadata.default]
+            for node in asserts:
+                module.graph.erase_node(node)
+            if asserts and module is not gm:
+                module.recompile()
     if "_guards_fn" in gm._modules:
         del gm._modules["_guards_fn"]
     gm.graph.lint()

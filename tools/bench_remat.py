@@ -200,6 +200,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             log(f"{name:<34} skipped: {elapsed:.0f}s used of the {args.time_limit:.0f}s budget")
             return None
         row: dict[str, Any] = {"config": name, "mode": mode}
+        # Memory a previous configuration left allocated (caches, not this row's) is subtracted from the peak.
+        resident = torch.cuda.memory_allocated() if device == "cuda" else 0
         try:
             model, details = make()
             previous = torch._functorch.config.activation_memory_budget
@@ -211,7 +213,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                 ms, peak = time_steps(step, device, args.warmup if not compile_model else args.warmup + 1, args.steps)
             finally:
                 torch._functorch.config.activation_memory_budget = previous
-            row.update(ms_per_step=round(ms, 2), peak_gib=round(peak, 3))
+            row.update(ms_per_step=round(ms, 2), peak_gib=round(peak - resident / GIB, 3),
+                       resident_before_gib=round(resident / GIB, 3))
             if details:
                 row.update(segments=len(details.get("segments", [])),
                            predicted_saved_fraction=round(details["predicted_saved_bytes_after"] /
