@@ -78,6 +78,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.storage_bytes: dict[int, int] = {}
         self.live_ids: dict[str, dict[tuple[int, str], int]] = {}
         self.packed: list[torch.Tensor] = []
+        self.keep_alive: list[torch.Tensor] = []
 
     def run_node(self, node: torch.fx.Node) -> Any:
         cost = NodeCost()
@@ -136,7 +137,10 @@ class _CostInterpreter(torch.fx.Interpreter):
         if self.current is not None and key not in self.seen_storages:
             self.seen_storages.add(key)
             self.current.saved_bytes += tensor.untyped_storage().nbytes()
-        return tensor
+        # Keep the storage alive (its address identifies it until the forward ends) but hand autograd
+        # nothing: the analysis never runs backward, and a packed tensor would keep the graph alive.
+        self.keep_alive.append(tensor.detach())
+        return None
 
 
 def _registry_flops(node: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> int:
@@ -183,6 +187,8 @@ def analyze(program: Program) -> Analysis:
     torch.manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(interpreter.pack, lambda t: t), torch.enable_grad():
         interpreter.run(*program.flat_inputs())
+    interpreter.keep_alive.clear()
+    interpreter.env.clear()
     return Analysis(costs, interpreter.storage_bytes)
 
 
@@ -191,6 +197,7 @@ def measure_saved_bytes(module: torch.nn.Module, program: Program) -> int:
     program's example inputs, parameters and buffers excluded (what ``remat`` reduces)."""
     seen = parameter_storages(module)
     total = 0
+    keep_alive: list[torch.Tensor] = []  # addresses identify storages only while they live
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal total
@@ -198,12 +205,14 @@ def measure_saved_bytes(module: torch.nn.Module, program: Program) -> int:
         if key not in seen:
             seen.add(key)
             total += tensor.untyped_storage().nbytes()
-        return tensor
+        keep_alive.append(tensor.detach())
+        return None  # never unpacked: no backward runs here (see _CostInterpreter.pack)
 
     torch.manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
         output = program.run(module)
         del output
+    keep_alive.clear()
     return total
 
 
