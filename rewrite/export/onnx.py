@@ -11,8 +11,14 @@
    c. ``CastLike`` → ``Cast`` to the known type (no gradient builder for ``CastLike``);
    d. ``LayerNormalization`` gets its ``Mean`` and ``InvStdDev`` outputs (the gradient builder reads them);
    e. ``-inf`` constants → a large finite negative (``-inf`` masks train to NaN in ORT);
+   e'. speed (``speed_rewrites``, exact up to float32 round-off): GPT-2's tanh GELU written as
+       ``x·sigmoid(x·(c₁ + c₂x²))`` (ORT's fused ``FastGelu`` gradient is slow on CPU); ``SoftmaxCrossEntropyLoss``
+       split into ``GatherElements − ReduceLogSumExp`` (its CPU kernels are slow over a large vocabulary);
+       attention's NaN guard ``Where(IsNaN(p), 0, p)`` dropped once no ``-inf`` is left;
    f. every parameter stays a trainable initializer named as in the module (``transformer.h.0.attn.c_attn.weight``);
-      tied parameters are one initializer, named by their first module name.
+      tied parameters are one initializer, named by their first module name;
+   g. on a CPU-only ONNX Runtime (no bf16/fp16 MatMul kernels), ops on bf16/fp16 tensors (after ``amp``) run
+      in float32 between casts, so the low-precision rounding at op boundaries is kept.
 3. Check, before ``generate_artifacts``, that every op on a parameter→loss path has an ORT gradient and that
    every trainable parameter reaches the loss; name the ops (with their module path) and the parameters.
 4. ``generate_artifacts`` with ``requires_grad`` = trainable parameters, ``frozen_params`` = the others
@@ -22,13 +28,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
-import math
+import os
 import re
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,48 +45,25 @@ import numpy as np
 import onnx
 import torch
 import torch.fx
-from onnx import numpy_helper
 from torch.utils import _pytree as pytree
 
-from ..errors import EffcompileError
-from ..graph import get_attr_value, module_path
+from ..graph import get_attr_value
 from ..program import Program, _loss_field
+from .onnx_legalize import (
+    MAX_IR_VERSION,
+    ExportError,
+    _default_opset,
+    _node_where,
+    check_trainable,
+    legalize_for_training,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "effcompile_onnx.json"
-MAX_IR_VERSION = 10
-MAX_OPSET = 21
+INFERENCE_BESIDE_ARTIFACTS = "inference_model.onnx"  # the inference model's name when training artifacts share the folder
 EXPORT_OPSET = 18
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; above it ONNX must keep tensors in an external data file
-FINITE_NEG = {onnx.TensorProto.FLOAT: -1e9, onnx.TensorProto.DOUBLE: -1e9, onnx.TensorProto.BFLOAT16: -1e9,
-              onnx.TensorProto.FLOAT16: -3e4}
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-               onnx.TensorProto.BFLOAT16}
-
-# Ops ONNX Runtime 1.19's gradient builder knows (orttraining gradient_builder_registry.cc).
-ORT_GRADIENT_OPS = frozenset("""
-Cast Sin Cos Log Tanh Sqrt Erf MatMul Split Relu Pow ReduceMean ReduceSum ReduceLogSumExp ReduceL2 Add Sub Mul
-Div Neg Concat ConcatTraining Reshape Transpose Gemm MaxPool Gather Conv Squeeze Unsqueeze Sigmoid Softmax
-LogSoftmax SoftmaxCrossEntropy SparseSoftmaxCrossEntropy SoftmaxCrossEntropyLoss GlobalAveragePool AveragePool
-Dropout GatherND GatherElements Gelu BiasGelu FastGelu LayerNormalization SimplifiedLayerNormalization
-BatchNormInternal MegatronF MegatronG Slice Where Send Recv Expand Exp Flatten TopK Clip Abs Min Max Tile ATenOp
-Pad Identity PythonOp ScatterND ScatterElements Reciprocal LeakyRelu QuickGelu ConvTranspose Resize
-""".split())
-# Inputs that carry no gradient (indices, shapes, conditions) by op: they neither need nor block one.
-NON_DIFFERENTIABLE_INPUTS = {
-    "Where": {0}, "Gather": {1}, "GatherND": {1}, "GatherElements": {1}, "Reshape": {1}, "Expand": {1},
-    "Slice": {1, 2, 3, 4}, "Pad": {1, 2, 3}, "Split": {1}, "Squeeze": {1}, "Unsqueeze": {1}, "Tile": {1},
-    "ReduceMean": {1}, "ReduceSum": {1}, "ReduceL2": {1}, "ReduceLogSumExp": {1}, "Clip": {1, 2},
-    "SoftmaxCrossEntropyLoss": {1, 2}, "Dropout": {1, 2}, "TopK": {1}, "ScatterND": {1},
-    "ScatterElements": {1}, "Pow": {1}, "Resize": {1, 2, 3},
-}
-
-
-class ExportError(EffcompileError):
-    """The program cannot be exported to ONNX or trained in ONNX Runtime as it stands."""
-
-
 @dataclass
 class ExportInfo:
     """What an export wrote and how to feed it (saved as ``effcompile_onnx.json`` beside the models)."""
@@ -102,26 +87,37 @@ class ExportInfo:
 
 def export_training_artifacts(program: Program, folder: str | Path, lr: float = 1e-3, weight_decay: float = 0.0,
                               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                              loss: str = "auto", opset: int = EXPORT_OPSET) -> dict[str, str]:
+                              loss: str = "auto", opset: int = EXPORT_OPSET,
+                              low_precision_in_float32: bool | None = None,
+                              speed_rewrites: bool = True) -> dict[str, str]:
     """Write ONNX Runtime training artifacts for ``program`` into ``folder`` (created if missing).
 
     Files: ``training_model.onnx``, ``eval_model.onnx`` (the loss), ``optimizer_model.onnx`` (AdamW, PyTorch
     semantics: ``lr``, ``betas``, ``eps`` and decoupled ``weight_decay``), ``checkpoint`` (the parameters) and
     ``effcompile_onnx.json`` (input names, trainable/frozen parameters, optimizer settings).
-    ``loss``: ``"auto"`` (the model's own loss when it has one, else built-in), ``"model"``,
+    ``opset``: the ONNX opset to export (18; ≤ 21 for ORT 1.19). ``loss``: ``"auto"`` (the model's own loss when it has one, else built-in), ``"model"``,
     ``"cross_entropy"`` (logits ``[..., C]`` against an extra int64 input ``labels``) or ``"mse"`` (against
-    an extra input ``target``). Returns the file paths by kind.
+    an extra input ``target``). ``low_precision_in_float32`` (default: when the installed ONNX Runtime is
+    CPU-only, whose kernels lack bf16/fp16 math) runs ops on bf16/fp16 tensors (after ``amp``) in float32
+    between casts. ``speed_rewrites``: rewrite GPT-2's tanh GELU and the cross-entropy into ops ORT's CPU
+    kernels run faster, drop attention's NaN guard (exact up to float32 round-off). Returns the file paths by kind.
     Raises ExportError naming the ops without an ORT gradient and the parameters that cannot be trained.
     """
+    import onnxruntime
     from onnxruntime.training import artifacts
 
+    onnxruntime.set_default_logger_severity(3)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    inference = _keep_inference_model(folder)
     loss_kind = _choose_loss(program, loss)
-    model, info, names = _export(program, "train" if loss_kind == "model" else "logits")
+    model, info, names = _export(program, {"model": "train", "cross_entropy": "logits2d"}.get(loss_kind, "logits"),
+                                 opset)
     trainable, frozen, unused = _partition_parameters(program.gm, model, names)
-    stats = legalize_for_training(model)
-    info.legalisation = stats
+    if low_precision_in_float32 is None:
+        low_precision_in_float32 = _cpu_only_ort()
+    info.legalisation = legalize_for_training(model, low_precision_in_float32=low_precision_in_float32,
+                                              speed_rewrites=speed_rewrites)
     check_trainable(model, trainable, info.output_names[:1], program.gm)
     info.requires_grad, info.frozen_params, info.unused_params = trainable, frozen, unused
     info.loss = loss_kind
@@ -142,15 +138,19 @@ def export_training_artifacts(program: Program, folder: str | Path, lr: float = 
                       location="model.onnx.data")
             model_arg = str(path)
         try:
-            artifacts.generate_artifacts(model_arg, requires_grad=trainable, frozen_params=frozen,
-                                         loss=builtin_loss, optimizer=optimizer, artifact_directory=str(folder))
+            with _quiet_native_stderr():  # the gradient builder logs every graph transformer at INFO level
+                artifacts.generate_artifacts(model_arg, requires_grad=trainable, frozen_params=frozen,
+                                             loss=builtin_loss, optimizer=optimizer, artifact_directory=str(folder))
         except Exception as error:  # ORT raises RuntimeError/Fail with C++ text: name what broke
             raise ExportError(f"onnx export: onnxruntime generate_artifacts failed: {_first_line(error)}; "
                               f"{_explain_ort_error(error, model, program.gm)}") from error
-    if loss_kind != "model":
-        info.input_names = info.input_names + _extra_loss_inputs(folder / "training_model.onnx", info.input_names)
+    if loss_kind != "model":  # the built-in loss adds its target input (``labels`` / ``target``)
+        info.input_names = _user_inputs(folder / "training_model.onnx", trainable + frozen)
     _set_pytorch_adamw(folder / "optimizer_model.onnx")
-    (folder / MANIFEST).write_text(json.dumps(asdict(info), indent=2))
+    manifest = asdict(info)
+    if inference is not None:
+        manifest["inference"] = inference
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     files = {kind: str(folder / name) for kind, name in (
         ("training_model", "training_model.onnx"), ("eval_model", "eval_model.onnx"),
         ("optimizer_model", "optimizer_model.onnx"), ("checkpoint", "checkpoint"), ("manifest", MANIFEST))}
@@ -166,8 +166,10 @@ def export_eval_model(program: Program, folder: str | Path, opset: int = EXPORT_
     Returns its path. Raises ExportError when the exporter fails."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model, info, _ = _export(program, "eval")
-    info.legalisation = legalize_for_training(model, inference=True)
+    if filename == "eval_model.onnx" and (folder / "training_model.onnx").exists():
+        filename = INFERENCE_BESIDE_ARTIFACTS  # the artifacts' eval_model.onnx (the loss) stays theirs
+    model, info, _ = _export(program, "eval", opset)
+    info.legalisation = legalize_for_training(model, inference=True, low_precision_in_float32=_cpu_only_ort())
     path = folder / filename
     if _initializer_bytes(model) > PROTOBUF_LIMIT:
         info.external_data = True
@@ -180,6 +182,19 @@ def export_eval_model(program: Program, folder: str | Path, opset: int = EXPORT_
     data["inference"] = {"file": filename, "input_names": info.input_names, "output_names": info.output_names}
     manifest.write_text(json.dumps(data, indent=2))
     return str(path)
+
+
+def _keep_inference_model(folder: Path) -> dict[str, Any] | None:
+    """``generate_artifacts`` writes ``eval_model.onnx`` (the loss): move an inference model written there
+    before (``--export onnx-eval``) out of its way. Returns the manifest's inference entry, if any."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        return None
+    inference = json.loads(manifest.read_text()).get("inference")
+    if inference and inference.get("file") == "eval_model.onnx" and (folder / "eval_model.onnx").exists():
+        (folder / "eval_model.onnx").replace(folder / INFERENCE_BESIDE_ARTIFACTS)
+        inference["file"] = INFERENCE_BESIDE_ARTIFACTS
+    return inference
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -205,11 +220,12 @@ class _Wrapper(torch.nn.Module):
                 raise ExportError("onnx export: the model returns no scalar `loss`; give the spec a loss_fn")
             return loss
         leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
-        if self._mode == "logits":
+        if self._mode in ("logits", "logits2d"):
             floats = [t for t in leaves if t.is_floating_point() and t.dim() >= 1]
             if not floats:
                 raise ExportError("onnx export: the model returns no floating-point tensor for a built-in loss")
-            return floats[0]
+            # ORT's cross-entropy takes scores [N, C]: fold the batch and sequence dimensions together.
+            return floats[0].reshape(-1, floats[0].shape[-1]) if self._mode == "logits2d" else floats[0]
         return tuple(leaves)
 
 
@@ -236,32 +252,34 @@ def _input_names(program: Program) -> list[str]:
     return list(bound.arguments)
 
 
-def _export(program: Program, mode: str) -> tuple[onnx.ModelProto, ExportInfo, dict[str, str]]:
+def _export(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onnx.ModelProto, ExportInfo, dict[str, str]]:
     """Export the wrapped program; returns the ONNX model, its ExportInfo and initializer→module names."""
     wrapper = _Wrapper(program, mode)
     wrapper.train(program.gm.training)
     flat = tuple(program.flat_inputs())
     input_names = _input_names(program)
-    exported, dynamic = None, False
     dynamic_shapes = tuple({0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() >= 1 else None
                            for v in flat)
-    for shapes in (dynamic_shapes, None):
+    onnx_program, dynamic = None, False
+    for shapes in (dynamic_shapes, None):  # a dynamic batch where both exporters follow it, else static
+        stage = "torch.export of the rewritten graph"
         try:
-            exported = torch.export.export(wrapper, flat, dynamic_shapes=shapes, strict=False)
+            # forward(*flat): the varargs tuple is one argument, so its shapes go in a 1-tuple
+            exported = torch.export.export(wrapper, flat, dynamic_shapes=None if shapes is None else (shapes,),
+                                           strict=False)
+            stage = "torch.onnx.export"
+            onnx_program = torch.onnx.export(exported, flat, dynamo=True, optimize=False,
+                                             opset_version=opset, verbose=False)
             dynamic = shapes is not None
             break
-        except Exception as error:  # the batch can be pinned by the graph: export it static
-            if shapes is None:
-                raise ExportError(f"onnx export: torch.export of the rewritten graph failed: {_first_line(error)}; "
-                                  "the graph must be re-traceable (no Python side effects)") from error
-            log.info("dynamic-batch re-export failed (%s); exporting static shapes", _first_line(error))
-    assert exported is not None
-    try:
-        onnx_program = torch.onnx.export(exported, flat, dynamo=True, optimize=False, opset_version=EXPORT_OPSET,
-                                         verbose=False)
-    except Exception as error:
-        raise ExportError(f"onnx export: torch.onnx.export failed: {_first_line(error)}; an op has no ONNX "
-                          "translation — rewrite it or register a custom translation") from error
+        except Exception as error:
+            if shapes is not None:
+                log.info("dynamic-batch export failed in %s (%s); exporting static shapes", stage, _first_line(error))
+                continue
+            hint = ("the graph must be re-traceable (no Python side effects)" if stage.startswith("torch.export")
+                    else "an op has no ONNX translation — rewrite it or register a custom translation")
+            raise ExportError(f"onnx export: {stage} failed: {_first_line(error)}; {hint}") from error
+    assert onnx_program is not None
     model = onnx_program.model_proto
     _rename_io(model, input_names, mode, program)
     names = _rename_parameters(model, program.gm)
@@ -282,7 +300,7 @@ def _rename_io(model: onnx.ModelProto, input_names: list[str], mode: str, progra
     outputs = list(model.graph.output)
     if mode == "train":
         renames[outputs[0].name] = "loss"
-    elif mode == "logits":
+    elif mode in ("logits", "logits2d"):
         renames[outputs[0].name] = "logits"
     else:
         out_names = _output_names(program)
@@ -383,256 +401,6 @@ def _choose_loss(program: Program, loss: str) -> str:
     return "cross_entropy" if integer_input else "mse"
 
 
-# --------------------------------------------------------------------------------------------- legalisation
-
-def legalize_for_training(model: onnx.ModelProto, inference: bool = False) -> dict[str, int]:
-    """Rewrite ``model`` in place so ONNX Runtime 1.19 can train it (see the module docstring, step 2).
-    Returns counts of each fix. Raises ExportError when a sequence op cannot be turned into ``Split``."""
-    stats = {"ir_version_lowered": 0, "opset_converted": 0, "split_from_sequence": 0, "castlike_to_cast": 0,
-             "layernorm_outputs_added": 0, "neg_inf_constants": 0}
-    if _default_opset(model) > MAX_OPSET:
-        converted = onnx.version_converter.convert_version(model, MAX_OPSET)
-        model.CopyFrom(converted)
-        stats["opset_converted"] = 1
-    _infer_types(model)
-    stats["split_from_sequence"] = _sequences_to_split(model)
-    stats["castlike_to_cast"] = _castlike_to_cast(model)
-    if not inference:
-        stats["layernorm_outputs_added"] = _layernorm_outputs(model)
-    stats["neg_inf_constants"] = _finite_masks(model)
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
-        stats["ir_version_lowered"] = 1
-    return stats
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _infer_types(model: onnx.ModelProto) -> None:
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        return
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(inferred.graph.value_info)
-    except Exception as error:  # shapes are a help here, not a need
-        log.debug("ONNX shape inference failed: %s", error)
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    types = {v.name: v.type for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    for initializer in model.graph.initializer:
-        types[initializer.name] = onnx.helper.make_tensor_type_proto(initializer.data_type, list(initializer.dims))
-    return types
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.data_location == 0}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.attribute:
-            attribute = node.attribute[0]
-            if attribute.name == "value":
-                values[node.output[0]] = numpy_helper.to_array(attribute.t)
-            elif attribute.name in ("value_int", "value_ints", "value_float", "value_floats"):
-                values[node.output[0]] = np.array(onnx.helper.get_attribute_value(attribute))
-    return values
-
-
-def _sequences_to_split(model: onnx.ModelProto) -> int:
-    """``SplitToSequence(x, sizes)`` read only by constant-index ``SequenceAt`` → ``Split(x, sizes)``."""
-    graph = model.graph
-    constants = _constants(model)
-    types = _value_types(model)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    replaced, remove = 0, set()
-    new_nodes: dict[int, onnx.NodeProto] = {}
-    for node in graph.node:
-        if node.op_type != "SplitToSequence":
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        axis, keepdims = int(attrs.get("axis", 0)), int(attrs.get("keepdims", 1))
-        users = readers.get(node.output[0], [])
-        where = _node_where(node)
-        if not users or any(u.op_type != "SequenceAt" or u.input[1] not in constants for u in users):
-            raise ExportError(f"onnx export: SplitToSequence at {where} feeds ops other than constant-index "
-                              "SequenceAt; ORT cannot differentiate sequences — index the split result with constants")
-        dim = _static_dim(types.get(node.input[0]), axis)
-        if len(node.input) < 2 or node.input[1] not in constants or dim is None:
-            raise ExportError(f"onnx export: SplitToSequence at {where} has a non-constant split or unknown "
-                              "dimension; use torch.split with static sizes")
-        split = constants[node.input[1]].astype(np.int64).reshape(-1)
-        sizes = [int(split[0])] * math.ceil(dim / int(split[0])) if split.size == 1 and len(node.input) > 1 \
-            and constants[node.input[1]].ndim == 0 else [int(s) for s in split]
-        if split.size == 1 and constants[node.input[1]].ndim == 0 and dim % int(split[0]):
-            sizes[-1] = dim - int(split[0]) * (len(sizes) - 1)
-        if not keepdims and set(sizes) != {1}:
-            raise ExportError(f"onnx export: SplitToSequence at {where} with keepdims=0 and sizes {sizes}")
-        base = node.output[0]
-        outputs = [f"{base}__split{i}" for i in range(len(sizes))]
-        sizes_name = f"{base}__sizes"
-        graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), sizes_name))
-        new_nodes[id(node)] = onnx.helper.make_node("Split", [node.input[0], sizes_name], outputs, axis=axis,
-                                                    name=node.name or base)
-        new_nodes[id(node)].metadata_props.extend(node.metadata_props)
-        for user in users:
-            index = int(constants[user.input[1]])
-            source = outputs[index]
-            if keepdims:
-                replacement = onnx.helper.make_node("Identity", [source], [user.output[0]], name=user.name)
-            else:
-                axes_name = f"{base}__axes"
-                if not any(i.name == axes_name for i in graph.initializer):
-                    graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), axes_name))
-                replacement = onnx.helper.make_node("Squeeze", [source, axes_name], [user.output[0]], name=user.name)
-            replacement.metadata_props.extend(user.metadata_props)
-            new_nodes[id(user)] = replacement
-        replaced += 1
-    if not replaced:
-        return 0
-    nodes = [new_nodes.get(id(n), n) for n in graph.node if id(n) not in remove]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return replaced
-
-
-def _static_dim(type_proto: onnx.TypeProto | None, axis: int) -> int | None:
-    if type_proto is None or not type_proto.HasField("tensor_type"):
-        return None
-    dims = type_proto.tensor_type.shape.dim
-    if not dims:
-        return None
-    dim = dims[axis if axis >= 0 else len(dims) + axis]
-    return int(dim.dim_value) if dim.HasField("dim_value") else None
-
-
-def _castlike_to_cast(model: onnx.ModelProto) -> int:
-    types = _value_types(model)
-    count = 0
-    for node in model.graph.node:
-        if node.op_type != "CastLike":
-            continue
-        like = types.get(node.input[1])
-        if like is None or not like.HasField("tensor_type") or not like.tensor_type.elem_type:
-            continue
-        to = like.tensor_type.elem_type
-        del node.attribute[:]
-        del node.input[1:]
-        node.op_type = "Cast"
-        node.attribute.append(onnx.helper.make_attribute("to", to))
-        count += 1
-    return count
-
-
-def _layernorm_outputs(model: onnx.ModelProto) -> int:
-    count = 0
-    for node in model.graph.node:
-        if node.op_type == "LayerNormalization" and len(node.output) == 1:
-            node.output.extend([node.output[0] + "__mean", node.output[0] + "__inv_std_dev"])
-            count += 1
-    return count
-
-
-def _finite_masks(model: onnx.ModelProto) -> int:
-    count = 0
-
-    def fix(tensor: onnx.TensorProto) -> bool:
-        if tensor.data_type not in FLOAT_TYPES or tensor.data_location != 0:
-            return False
-        array = numpy_helper.to_array(tensor)
-        mask = np.isneginf(array)
-        if not mask.any():
-            return False
-        array = array.copy()
-        array[mask] = FINITE_NEG[tensor.data_type]
-        tensor.CopyFrom(numpy_helper.from_array(array.astype(array.dtype), tensor.name))
-        return True
-
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.TENSOR and fix(attribute.t):
-                count += 1
-            elif attribute.type == onnx.AttributeProto.FLOAT and attribute.f == -math.inf:
-                attribute.f = FINITE_NEG[onnx.TensorProto.FLOAT]
-                count += 1
-    for initializer in model.graph.initializer:
-        if initializer.data_type in FLOAT_TYPES and initializer.ByteSize() < 1 << 20 and fix(initializer):
-            count += 1
-    return count
-
-
-# --------------------------------------------------------------------------------------------- checks
-
-def check_trainable(model: onnx.ModelProto, trainable: Sequence[str], loss_outputs: Sequence[str],
-                    gm: torch.fx.GraphModule | None = None) -> None:
-    """Raise ExportError unless every op on a trainable-parameter→loss path has an ORT gradient and every
-    trainable parameter reaches ``loss_outputs`` through such ops. The message names each blocking op with
-    the module it came from, and each parameter left without a gradient."""
-    graph = model.graph
-    types = _value_types(model)
-
-    def is_float(name: str) -> bool:
-        value = types.get(name)
-        if value is None or not value.HasField("tensor_type"):
-            return True  # unknown: assume it can carry a gradient
-        return value.tensor_type.elem_type in FLOAT_TYPES
-
-    forward = set(trainable)  # tensors that depend on a trainable parameter
-    for node in graph.node:
-        if any(name in forward for i, name in enumerate(node.input) if i not in NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ())):
-            forward.update(o for o in node.output if o and is_float(o))
-    to_loss = set(loss_outputs)  # tensors the loss depends on
-    for node in reversed(graph.node):
-        if any(o in to_loss for o in node.output):
-            to_loss.update(node.input)
-    blocking = [n for n in graph.node if n.op_type not in ORT_GRADIENT_OPS
-                and any(o in forward and o in to_loss for o in n.output)]
-    reached = set(loss_outputs)  # tensors whose gradient ORT can build
-    for node in reversed(graph.node):
-        if node.op_type not in ORT_GRADIENT_OPS or not any(o in reached for o in node.output):
-            continue
-        skip = NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ())
-        reached.update(name for i, name in enumerate(node.input) if i not in skip and is_float(name))
-    unreachable = [p for p in trainable if p not in reached]
-    if not blocking and not unreachable:
-        return
-    parts = []
-    if blocking:
-        ops = {}
-        for node in blocking:
-            ops.setdefault((node.op_type, _node_where(node, gm)), node.name)
-        listed = "; ".join(f"{op} at {where}" for op, where in list(ops)[:8])
-        more = f" (+{len(ops) - 8} more)" if len(ops) > 8 else ""
-        parts.append(f"{len(blocking)} op(s) without an ONNX Runtime gradient on the parameter→loss path: {listed}{more}")
-    if unreachable:
-        shown = ", ".join(unreachable[:8]) + (f" (+{len(unreachable) - 8} more)" if len(unreachable) > 8 else "")
-        parts.append(f"{len(unreachable)} trainable parameter(s) would get no gradient: {shown}")
-    raise ExportError("onnx export: " + "; ".join(parts) + "; rewrite those ops with differentiable ones or "
-                      "freeze the parameters (requires_grad=False)")
-
-
-def _node_where(node: onnx.NodeProto, gm: torch.fx.GraphModule | None = None) -> str:
-    """The module path (from the exporter's metadata and the captured graph) and node name of ``node``."""
-    meta = {p.key: p.value for p in node.metadata_props}
-    fx_name = None
-    match = re.match(r"%(\w+)", meta.get("pkg.torch.onnx.fx_node", ""))
-    if match:
-        fx_name = match.group(1)
-    path = ""
-    if gm is not None and fx_name is not None:
-        for fx_node in gm.graph.nodes:
-            if fx_node.name == fx_name:
-                path = module_path(fx_node)
-                break
-    if not path:
-        path = meta.get("namespace", "").split(":")[-1].strip() or "?"
-    return f"{path or '<root>'} (node {fx_name or node.name})"
-
-
 def _explain_ort_error(error: Exception, model: onnx.ModelProto, gm: torch.fx.GraphModule) -> str:
     text = str(error)
     match = re.search(r"not registered:\s*(\w+)(?: for node (\S+))?", text)
@@ -666,10 +434,20 @@ def _set_pytorch_adamw(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _extra_loss_inputs(path: Path, known: list[str]) -> list[str]:
+def _user_inputs(path: Path, parameters: list[str]) -> list[str]:
+    """The training model's data inputs in ORT's order (not parameters, gradient buffers or flags)."""
     model = onnx.load(str(path), load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in known and i.name not in initializers]
+    skip = set(parameters) | {"lazy_reset_grad"} | {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in skip and not i.name.endswith("accumulation.buffer")]
+
+
+def _cpu_only_ort() -> bool:
+    """True when the installed ONNX Runtime (or none) runs on CPU only: its kernels lack bf16/fp16 math."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return True
+    return onnxruntime.get_device() == "CPU"
 
 
 def _initializer_bytes(model: onnx.ModelProto) -> int:
@@ -680,6 +458,27 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Send what native code writes to stderr (fd 2) to the debug log instead of the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            if text:
+                log.debug("onnxruntime: %s", text[-4000:])
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+    text = str(error).strip()
+    if "[ONNXRuntimeError]" in text:  # drop the C++ source location and signature before ORT's message
+        text = "ONNXRuntimeError" + text.split("[ONNXRuntimeError]", 1)[1]
+    lines = text.splitlines()
+    return lines[0][:400] if lines else type(error).__name__

@@ -1,0 +1,599 @@
+"""Legalise an exported ONNX model for ONNX Runtime training 1.19, and check it can be trained.
+
+The rewrites (``legalize_for_training``) and the gradient check (``check_trainable``) that
+``effcompile.export.onnx`` runs between ``torch.onnx.export`` and ``generate_artifacts``; each rewrite is
+one private function returning how many places it changed. See ``effcompile.export.onnx`` for the order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.fx
+from onnx import numpy_helper
+
+from ..errors import EffcompileError
+from ..graph import module_path
+
+log = logging.getLogger(__name__)
+
+MAX_IR_VERSION = 10
+MAX_OPSET = 21
+
+FINITE_NEG = {onnx.TensorProto.FLOAT: -1e9, onnx.TensorProto.DOUBLE: -1e9, onnx.TensorProto.BFLOAT16: -1e9,
+              onnx.TensorProto.FLOAT16: -3e4}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+               onnx.TensorProto.BFLOAT16}
+
+# Ops ONNX Runtime 1.19's gradient builder knows (orttraining gradient_builder_registry.cc).
+ORT_GRADIENT_OPS = frozenset("""
+Cast Sin Cos Log Tanh Sqrt Erf MatMul Split Relu Pow ReduceMean ReduceSum ReduceLogSumExp ReduceL2 Add Sub Mul
+Div Neg Concat ConcatTraining Reshape Transpose Gemm MaxPool Gather Conv Squeeze Unsqueeze Sigmoid Softmax
+LogSoftmax SoftmaxCrossEntropy SparseSoftmaxCrossEntropy SoftmaxCrossEntropyLoss GlobalAveragePool AveragePool
+Dropout GatherND GatherElements Gelu BiasGelu FastGelu LayerNormalization SimplifiedLayerNormalization
+BatchNormInternal MegatronF MegatronG Slice Where Send Recv Expand Exp Flatten TopK Clip Abs Min Max Tile ATenOp
+Pad Identity PythonOp ScatterND ScatterElements Reciprocal LeakyRelu QuickGelu ConvTranspose Resize
+""".split())
+# Inputs that carry no gradient (indices, shapes, conditions) by op: they neither need nor block one.
+NON_DIFFERENTIABLE_INPUTS = {
+    "Where": {0}, "Gather": {1}, "GatherND": {1}, "GatherElements": {1}, "Reshape": {1}, "Expand": {1},
+    "Slice": {1, 2, 3, 4}, "Pad": {1, 2, 3}, "Split": {1}, "Squeeze": {1}, "Unsqueeze": {1}, "Tile": {1},
+    "ReduceMean": {1}, "ReduceSum": {1}, "ReduceL2": {1}, "ReduceLogSumExp": {1}, "Clip": {1, 2},
+    "SoftmaxCrossEntropyLoss": {1, 2}, "Dropout": {1, 2}, "TopK": {1}, "ScatterND": {1},
+    "ScatterElements": {1}, "Pow": {1}, "Resize": {1, 2, 3},
+}
+
+
+_NON_FLOAT_OUTPUT_OPS = frozenset("""Shape Size IsNaN IsInf Equal Less LessOrEqual Greater GreaterOrEqual And Or Not
+Xor NonZero ArgMax ArgMin""".split())
+
+
+class ExportError(EffcompileError):
+    """The program cannot be exported to ONNX or trained in ONNX Runtime as it stands."""
+
+
+# --------------------------------------------------------------------------------------------- legalisation
+
+def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
+                          low_precision_in_float32: bool = False, speed_rewrites: bool = True) -> dict[str, int]:
+    """Rewrite ``model`` in place so ONNX Runtime 1.19 can train it (``effcompile.export.onnx``, step 2).
+
+    ``low_precision_in_float32``: ONNX Runtime's CPU kernels have no bfloat16/float16 MatMul, Softmax, Add...:
+    run each op that reads or writes such tensors in float32 between casts (values keep their low-precision
+    rounding at every op boundary; only the arithmetic inside an op is wider, as on GPUs that accumulate
+    bf16 matmuls in float32). Returns counts of each fix. Raises ExportError when a sequence op cannot be
+    turned into ``Split``."""
+    stats = {"ir_version_lowered": 0, "opset_converted": 0, "split_from_sequence": 0, "castlike_to_cast": 0,
+             "gradient_outputs_named": 0, "neg_inf_constants": 0, "low_precision_ops_in_float32": 0,
+             "tanh_gelu_as_sigmoid": 0, "nan_guards_dropped": 0, "cross_entropy_split": 0}
+    if _default_opset(model) > MAX_OPSET:
+        converted = onnx.version_converter.convert_version(model, MAX_OPSET)
+        model.CopyFrom(converted)
+        stats["opset_converted"] = 1
+    _infer_types(model)
+    stats["split_from_sequence"] = _sequences_to_split(model)
+    stats["castlike_to_cast"] = _castlike_to_cast(model)
+    if speed_rewrites:
+        stats["tanh_gelu_as_sigmoid"] = _tanh_gelu_as_sigmoid(model)
+        stats["cross_entropy_split"] = _split_cross_entropy(model)
+    if not inference:
+        stats["gradient_outputs_named"] = _name_gradient_outputs(model)
+    stats["neg_inf_constants"] = _finite_masks(model)
+    if speed_rewrites and not _has_neg_inf(model):
+        stats["nan_guards_dropped"] = _drop_nan_guards(model)
+    if low_precision_in_float32:
+        stats["low_precision_ops_in_float32"] = _low_precision_in_float32(model)
+    if model.ir_version > MAX_IR_VERSION:
+        model.ir_version = MAX_IR_VERSION
+        stats["ir_version_lowered"] = 1
+    return stats
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _infer_types(model: onnx.ModelProto) -> None:
+    """Fill ``value_info`` by ONNX shape inference, run on a copy whose large initializers are typed graph
+    inputs instead (no tensor data: works for models over the 2 GB protobuf limit too)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.graph.node.extend(model.graph.node)
+    light.graph.input.extend(model.graph.input)
+    light.graph.output.extend(model.graph.output)
+    for initializer in model.graph.initializer:
+        elements = int(np.prod(initializer.dims)) if initializer.dims else 1
+        if elements <= 64 and initializer.data_location == 0:  # shape constants: inference reads their values
+            light.graph.initializer.append(initializer)
+        else:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(initializer.name, initializer.data_type,
+                                                                        list(initializer.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception as error:  # shapes are a help here, not a need
+        log.debug("ONNX shape inference failed: %s", error)
+        return
+    # the exporter's own value_info (from PyTorch's fake tensors) is the better one: keep it, add the rest
+    known = {v.name for v in model.graph.value_info}
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    types = {v.name: v.type for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    for initializer in model.graph.initializer:
+        types[initializer.name] = onnx.helper.make_tensor_type_proto(initializer.data_type, list(initializer.dims))
+    return types
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.data_location == 0}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            attribute = node.attribute[0]
+            if attribute.name == "value":
+                values[node.output[0]] = numpy_helper.to_array(attribute.t)
+            elif attribute.name in ("value_int", "value_ints", "value_float", "value_floats"):
+                values[node.output[0]] = np.array(onnx.helper.get_attribute_value(attribute))
+    return values
+
+
+def _sequences_to_split(model: onnx.ModelProto) -> int:
+    """``SplitToSequence(x, sizes)`` read only by constant-index ``SequenceAt`` → ``Split(x, sizes)``."""
+    graph = model.graph
+    constants = _constants(model)
+    types = _value_types(model)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    replaced, remove = 0, set()
+    new_nodes: dict[int, onnx.NodeProto] = {}
+    for node in graph.node:
+        if node.op_type != "SplitToSequence":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis, keepdims = int(attrs.get("axis", 0)), int(attrs.get("keepdims", 1))
+        users = readers.get(node.output[0], [])
+        where = _node_where(node)
+        if not users or any(u.op_type != "SequenceAt" or u.input[1] not in constants for u in users):
+            raise ExportError(f"onnx export: SplitToSequence at {where} feeds ops other than constant-index "
+                              "SequenceAt; ORT cannot differentiate sequences — index the split result with constants")
+        dim = _static_dim(types.get(node.input[0]), axis)
+        if len(node.input) < 2 or node.input[1] not in constants or dim is None:
+            raise ExportError(f"onnx export: SplitToSequence at {where} has a non-constant split or unknown "
+                              "dimension; use torch.split with static sizes")
+        split = constants[node.input[1]].astype(np.int64).reshape(-1)
+        sizes = [int(split[0])] * math.ceil(dim / int(split[0])) if split.size == 1 and len(node.input) > 1 \
+            and constants[node.input[1]].ndim == 0 else [int(s) for s in split]
+        if split.size == 1 and constants[node.input[1]].ndim == 0 and dim % int(split[0]):
+            sizes[-1] = dim - int(split[0]) * (len(sizes) - 1)
+        if not keepdims and set(sizes) != {1}:
+            raise ExportError(f"onnx export: SplitToSequence at {where} with keepdims=0 and sizes {sizes}")
+        base = node.output[0]
+        outputs = [f"{base}__split{i}" for i in range(len(sizes))]
+        sizes_name = f"{base}__sizes"
+        graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), sizes_name))
+        new_nodes[id(node)] = onnx.helper.make_node("Split", [node.input[0], sizes_name], outputs, axis=axis,
+                                                    name=node.name or base)
+        new_nodes[id(node)].metadata_props.extend(node.metadata_props)
+        for user in users:
+            index = int(constants[user.input[1]])
+            source = outputs[index]
+            if keepdims:
+                replacement = onnx.helper.make_node("Identity", [source], [user.output[0]], name=user.name)
+            else:
+                axes_name = f"{base}__axes"
+                if not any(i.name == axes_name for i in graph.initializer):
+                    graph.initializer.append(numpy_helper.from_array(np.array([axis], np.int64), axes_name))
+                replacement = onnx.helper.make_node("Squeeze", [source, axes_name], [user.output[0]], name=user.name)
+            replacement.metadata_props.extend(user.metadata_props)
+            new_nodes[id(user)] = replacement
+        replaced += 1
+    if not replaced:
+        return 0
+    nodes = [new_nodes.get(id(n), n) for n in graph.node if id(n) not in remove]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return replaced
+
+
+def _static_dim(type_proto: onnx.TypeProto | None, axis: int) -> int | None:
+    if type_proto is None or not type_proto.HasField("tensor_type"):
+        return None
+    dims = type_proto.tensor_type.shape.dim
+    if not dims:
+        return None
+    dim = dims[axis if axis >= 0 else len(dims) + axis]
+    return int(dim.dim_value) if dim.HasField("dim_value") else None
+
+
+def _castlike_to_cast(model: onnx.ModelProto) -> int:
+    types = _value_types(model)
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "CastLike":
+            continue
+        like = types.get(node.input[1])
+        if like is None or not like.HasField("tensor_type") or not like.tensor_type.elem_type:
+            continue
+        to = like.tensor_type.elem_type
+        del node.attribute[:]
+        del node.input[1:]
+        node.op_type = "Cast"
+        node.attribute.append(onnx.helper.make_attribute("to", to))
+        count += 1
+    return count
+
+
+LOW_PRECISION = {onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16}
+# Ops that only move or reinterpret data: every ORT CPU kernel type covers them, so they need no float copy.
+_TYPE_AGNOSTIC = {"Cast", "Constant", "Identity"}
+
+
+def _low_precision_in_float32(model: onnx.ModelProto) -> int:
+    """Give each op that reads/writes bf16/fp16 float32 copies of its inputs and cast its outputs back.
+    Each low-precision tensor gets one shared float32 copy, so its gradient is never summed in low precision."""
+    types = _value_types(model)
+
+    def elem(name: str) -> int:
+        value = types.get(name)
+        return value.tensor_type.elem_type if value is not None and value.HasField("tensor_type") else 0
+
+    nodes: list[onnx.NodeProto] = []
+    copies: dict[str, str] = {}
+
+    def float_copy(name: str) -> str:
+        if name not in copies:
+            copies[name] = f"{name}__as_float32"
+            nodes.append(onnx.helper.make_node("Cast", [name], [copies[name]], to=onnx.TensorProto.FLOAT,
+                                               name=f"{name}__to_float32"))
+        return copies[name]
+
+    rewritten = 0
+    for node in model.graph.node:
+        low_inputs = [i for i, name in enumerate(node.input) if name and elem(name) in LOW_PRECISION]
+        low_outputs = [i for i, name in enumerate(node.output) if name and elem(name) in LOW_PRECISION]
+        if node.op_type in _TYPE_AGNOSTIC or not (low_inputs or low_outputs):
+            if node.op_type == "Cast" and low_inputs:
+                node.input[0] = float_copy(node.input[0])  # one reader per low-precision tensor
+            nodes.append(node)
+            continue
+        for i in low_inputs:
+            node.input[i] = float_copy(node.input[i])
+        casts_back = []
+        for i in low_outputs:
+            original = node.output[i]
+            node.output[i] = f"{original}__float32"
+            casts_back.append(onnx.helper.make_node("Cast", [node.output[i]], [original], to=elem(original),
+                                                    name=f"{original}__to_low_precision"))
+        for attribute in node.attribute:  # e.g. ConstantOfShape's value: now produced in float32
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in LOW_PRECISION:
+                value = numpy_helper.to_array(attribute.t).astype(np.float32)
+                attribute.t.CopyFrom(numpy_helper.from_array(value, attribute.t.name))
+            elif attribute.name in ("dtype", "to") and attribute.type == onnx.AttributeProto.INT \
+                    and attribute.i in LOW_PRECISION:
+                attribute.i = onnx.TensorProto.FLOAT
+        nodes.append(node)
+        nodes.extend(casts_back)
+        rewritten += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
+
+
+def _tanh_gelu_as_sigmoid(model: onnx.ModelProto) -> int:
+    """``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`` (GPT-2's GELU, exported op by op) →
+    ``x·sigmoid(x·(c₁ + c₂·x²))`` with c₁ = 2√(2/π), c₂ = 0.044715·c₁: the same function
+    (0.5·(1 + tanh u) = sigmoid(2u)), in a form ONNX Runtime does not fuse into ``FastGelu``, whose CPU
+    gradient kernel took ≈75 ms per GPT-2-small layer where these threaded elementwise ops take ≈30."""
+    graph = model.graph
+    constants = _constants(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def scalar(name: str, value: float) -> bool:
+        array = constants.get(name)
+        return array is not None and array.size == 1 and abs(float(array.reshape(-1)[0]) - value) < 1e-4 * max(1, abs(value))
+
+    def split_const(node: onnx.NodeProto | None, op: str, value: float) -> str | None:
+        """For ``op(v, const)`` (either order) with const == value, return v."""
+        if node is None or node.op_type != op or len(node.input) != 2:
+            return None
+        a, b = node.input
+        return a if scalar(b, value) else b if scalar(a, value) else None
+
+    fused, dead = 0, set()
+    replacements: dict[int, list[onnx.NodeProto]] = {}
+    for tanh in graph.node:
+        if tanh.op_type != "Tanh":
+            continue
+        scaled = producer.get(tanh.input[0])
+        inner = split_const(scaled, "Mul", math.sqrt(2 / math.pi))
+        add = producer.get(inner) if inner else None
+        if add is None or add.op_type != "Add":
+            continue
+        x = None
+        for candidate, other in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+            cube = split_const(producer.get(other), "Mul", 0.044715)
+            power = producer.get(cube) if cube else None
+            if power is not None and power.op_type == "Pow" and power.input[0] == candidate and scalar(power.input[1], 3.0):
+                x, pieces = candidate, [scaled, add, producer[other], power]
+                break
+        if x is None:
+            continue
+        plus_one = [r for r in readers.get(tanh.output[0], []) if split_const(r, "Add", 1.0) == tanh.output[0]]
+        if len(plus_one) != 1 or len(readers.get(tanh.output[0], [])) != 1:
+            continue
+        outer = readers.get(plus_one[0].output[0], [])
+        if len(outer) != 1 or outer[0].op_type != "Mul":
+            continue
+        half_name = [i for i in outer[0].input if i != plus_one[0].output[0]]
+        half = producer.get(half_name[0]) if len(half_name) == 1 else None
+        if split_const(half, "Mul", 0.5) != x:
+            continue
+        chain = pieces + [tanh, plus_one[0]] + ([half] if len(readers.get(half.output[0], [])) == 1 else [])
+        if any(len(readers.get(n.output[0], [])) != 1 for n in pieces):
+            continue  # an intermediate is read elsewhere: leave the pattern alone
+        out = outer[0].output[0]
+        c1 = f"{out}__c1"
+        c2 = f"{out}__c2"
+        graph.initializer.extend([numpy_helper.from_array(np.array(2 * math.sqrt(2 / math.pi), np.float32), c1),
+                                  numpy_helper.from_array(np.array(2 * math.sqrt(2 / math.pi) * 0.044715, np.float32), c2)])
+        made = [onnx.helper.make_node("Mul", [x, x], [f"{out}__x2"]),
+                onnx.helper.make_node("Mul", [f"{out}__x2", c2], [f"{out}__a"]),
+                onnx.helper.make_node("Add", [f"{out}__a", c1], [f"{out}__b"]),
+                onnx.helper.make_node("Mul", [x, f"{out}__b"], [f"{out}__z"]),
+                onnx.helper.make_node("Sigmoid", [f"{out}__z"], [f"{out}__s"]),
+                onnx.helper.make_node("Mul", [x, f"{out}__s"], [out])]
+        for new_node in made:
+            new_node.name = f"{new_node.output[0]}__gelu"
+            new_node.metadata_props.extend(tanh.metadata_props)
+        replacements[id(outer[0])] = made
+        dead.update(id(n) for n in chain)
+        fused += 1
+    if fused:
+        nodes = [m for n in graph.node if id(n) not in dead for m in replacements.get(id(n), [n])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return fused
+
+
+def _split_cross_entropy(model: onnx.ModelProto) -> int:
+    """``SoftmaxCrossEntropyLoss(scores[N, C], labels)`` → ``GatherElements(scores, labels) -
+    ReduceLogSumExp(scores)`` + a masked mean: ONNX Runtime's CPU kernels for the fused op and its gradient
+    are slow over a 50k-word vocabulary (about the LM head matmul's time); the pieces are quicker."""
+    graph = model.graph
+    types = _value_types(model)
+    readers = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        scores_type = types.get(node.input[0]) if node.input else None
+        rank = len(scores_type.tensor_type.shape.dim) if scores_type is not None and \
+            scores_type.HasField("tensor_type") and scores_type.tensor_type.HasField("shape") else None
+        if node.op_type != "SoftmaxCrossEntropyLoss" or (len(node.input) > 2 and node.input[2]) or rank != 2 \
+                or any(o in readers for o in node.output[1:]):
+            nodes.append(node)
+            continue
+        base = node.output[0]
+        reduction = attrs.get("reduction", b"mean")
+        reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+        scores, labels = node.input[0], node.input[1]
+
+        def name(suffix: str, base: str = base) -> str:
+            return f"{base}__{suffix}"
+
+        def const(suffix: str, value: np.ndarray, base: str = base) -> str:
+            graph.initializer.append(numpy_helper.from_array(value, f"{base}__{suffix}"))
+            return f"{base}__{suffix}"
+
+        axis = const("axis", np.array([1], np.int64))
+        # log p[label] = score[label] - logsumexp(scores): the only [N, C]-sized gradient is softmax's, which
+        # ORT builds from threaded elementwise ops (LogSoftmaxGrad is a single-threaded kernel)
+        made = [onnx.helper.make_node("ReduceLogSumExp", [scores, axis], [name("log_sum_exp")], keepdims=0)]
+        keep = None
+        if "ignore_index" in attrs:
+            made += [onnx.helper.make_node("Equal", [labels, const("ignore", np.array(attrs["ignore_index"], np.int64))],
+                                           [name("ignored")]),
+                     onnx.helper.make_node("Where", [name("ignored"), const("zero_index", np.array(0, np.int64)), labels],
+                                           [name("safe_labels")]),
+                     onnx.helper.make_node("Not", [name("ignored")], [name("kept_bool")]),
+                     onnx.helper.make_node("Cast", [name("kept_bool")], [name("kept")],
+                                           to=scores_type.tensor_type.elem_type)]
+            labels, keep = name("safe_labels"), name("kept")
+        made += [onnx.helper.make_node("Unsqueeze", [labels, axis], [name("index")]),
+                 onnx.helper.make_node("GatherElements", [scores, name("index")], [name("picked2d")], axis=1),
+                 onnx.helper.make_node("Squeeze", [name("picked2d"), axis], [name("picked_score")]),
+                 onnx.helper.make_node("Sub", [name("picked_score"), name("log_sum_exp")], [name("picked")])]
+        picked = name("picked")
+        if keep is not None:
+            made.append(onnx.helper.make_node("Mul", [picked, keep], [name("picked_kept")]))
+            picked = name("picked_kept")
+        if reduction == "none":
+            made.append(onnx.helper.make_node("Neg", [picked], [base]))
+        else:
+            made.append(onnx.helper.make_node("ReduceSum", [picked], [name("total")], keepdims=0))
+            if reduction == "sum":
+                made.append(onnx.helper.make_node("Neg", [name("total")], [base]))
+            elif keep is not None:
+                made += [onnx.helper.make_node("ReduceSum", [keep], [name("count")], keepdims=0),
+                         onnx.helper.make_node("Div", [name("total"), name("count")], [name("mean")]),
+                         onnx.helper.make_node("Neg", [name("mean")], [base])]
+            else:
+                made += [onnx.helper.make_node("ReduceMean", [picked], [name("mean")], keepdims=0),
+                         onnx.helper.make_node("Neg", [name("mean")], [base])]
+        for new in made:
+            new.name = new.name or f"{new.output[0]}__{new.op_type}"
+            new.metadata_props.extend(node.metadata_props)
+        nodes.extend(made)
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _drop_nan_guards(model: onnx.ModelProto) -> int:
+    """``Where(IsNaN(p), 0, p)`` after attention's softmax only catches rows masked entirely with ``-inf``;
+    once masks are finite (``_finite_masks``) no such row exists: read ``p`` directly (two passes fewer
+    over the attention matrix each way)."""
+    graph = model.graph
+    constants = _constants(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    renames: dict[str, str] = {}
+    dead: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "Where" or len(node.input) != 3:
+            continue
+        guard = producer.get(node.input[0])
+        zero = constants.get(node.input[1])
+        if guard is None or guard.op_type != "IsNaN" or guard.input[0] != node.input[2] or zero is None \
+                or zero.size != 1 or float(zero.reshape(-1)[0]) != 0.0:
+            continue
+        if node.output[0] in {o.name for o in graph.output}:
+            continue
+        renames[node.output[0]] = node.input[2]
+        dead.add(id(node))
+    if not renames:
+        return 0
+    nodes = [n for n in graph.node if id(n) not in dead]
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    used = {name for n in nodes for name in n.input}
+    nodes = [n for n in nodes if not (n.op_type == "IsNaN" and n.output[0] not in used)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(renames)
+
+
+def _name_gradient_outputs(model: onnx.ModelProto) -> int:
+    """Name the optional outputs the gradient builder reads: ``LayerNormalization``'s Mean and InvStdDev,
+    ``Dropout``'s mask (without them it fails at ``gradient_builder_base.h:123 i < OutputDefs().size()``)."""
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization" and len(node.output) == 1:
+            node.output.extend([node.output[0] + "__mean", node.output[0] + "__inv_std_dev"])
+            count += 1
+        elif node.op_type == "Dropout" and len(node.output) == 1:
+            node.output.append(node.output[0] + "__mask")
+            count += 1
+    return count
+
+
+def _has_neg_inf(model: onnx.ModelProto) -> bool:
+    """True if a constant the graph holds in memory still contains ``-inf`` (external data is not read)."""
+    tensors = [a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    tensors += [i for i in model.graph.initializer if i.ByteSize() < 1 << 20]
+    return any(t.data_type in FLOAT_TYPES and t.data_location == 0 and np.isneginf(numpy_helper.to_array(t)).any()
+               for t in tensors)
+
+
+def _finite_masks(model: onnx.ModelProto) -> int:
+    count = 0
+
+    def fix(tensor: onnx.TensorProto) -> bool:
+        if tensor.data_type not in FLOAT_TYPES or tensor.data_location != 0:
+            return False
+        array = numpy_helper.to_array(tensor)
+        mask = np.isneginf(array)
+        if not mask.any():
+            return False
+        array = array.copy()
+        array[mask] = FINITE_NEG[tensor.data_type]
+        tensor.CopyFrom(numpy_helper.from_array(array.astype(array.dtype), tensor.name))
+        return True
+
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR and fix(attribute.t):
+                count += 1
+            elif attribute.type == onnx.AttributeProto.FLOAT and attribute.f == -math.inf:
+                attribute.f = FINITE_NEG[onnx.TensorProto.FLOAT]
+                count += 1
+    for initializer in model.graph.initializer:
+        if initializer.data_type in FLOAT_TYPES and initializer.ByteSize() < 1 << 20 and fix(initializer):
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+def check_trainable(model: onnx.ModelProto, trainable: Sequence[str], loss_outputs: Sequence[str],
+                    gm: torch.fx.GraphModule | None = None) -> None:
+    """Raise ExportError unless every op on a trainable-parameter→loss path has an ORT gradient and every
+    trainable parameter reaches ``loss_outputs`` through such ops. The message names each blocking op with
+    the module it came from, and each parameter left without a gradient."""
+    graph = model.graph
+    types = _value_types(model)
+
+    non_float = {o for n in graph.node if n.op_type in _NON_FLOAT_OUTPUT_OPS for o in n.output}
+
+    def is_float(name: str) -> bool:
+        value = types.get(name)
+        if value is None or not value.HasField("tensor_type") or not value.tensor_type.elem_type:
+            return name not in non_float  # unknown type: assume it can carry a gradient unless its op says not
+        return value.tensor_type.elem_type in FLOAT_TYPES
+
+    forward = set(trainable)  # tensors that depend on a trainable parameter
+    for node in graph.node:
+        if any(name in forward for i, name in enumerate(node.input) if i not in NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ())):
+            forward.update(o for o in node.output if o and is_float(o))
+    to_loss = set(loss_outputs)  # tensors the loss depends on
+    for node in reversed(graph.node):
+        if any(o in to_loss for o in node.output):
+            to_loss.update(node.input)
+    blocking = [n for n in graph.node if n.op_type not in ORT_GRADIENT_OPS
+                and any(o in forward and o in to_loss for o in n.output)]
+    reached = set(loss_outputs)  # tensors whose gradient ORT can build
+    for node in reversed(graph.node):
+        if node.op_type not in ORT_GRADIENT_OPS or not any(o in reached for o in node.output):
+            continue
+        skip = NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ())
+        reached.update(name for i, name in enumerate(node.input) if i not in skip and is_float(name))
+    unreachable = [p for p in trainable if p not in reached]
+    if not blocking and not unreachable:
+        return
+    parts = []
+    if blocking:
+        ops = {}
+        for node in blocking:
+            ops.setdefault((node.op_type, _node_where(node, gm)), node.name)
+        listed = "; ".join(f"{op} at {where}" for op, where in list(ops)[:8])
+        more = f" (+{len(ops) - 8} more)" if len(ops) > 8 else ""
+        parts.append(f"{len(blocking)} op(s) without an ONNX Runtime gradient on the parameter→loss path: {listed}{more}")
+    if unreachable:
+        shown = ", ".join(unreachable[:8]) + (f" (+{len(unreachable) - 8} more)" if len(unreachable) > 8 else "")
+        parts.append(f"{len(unreachable)} trainable parameter(s) would get no gradient: {shown}")
+    raise ExportError("onnx export: " + "; ".join(parts) + "; rewrite those ops with differentiable ones or "
+                      "freeze the parameters (requires_grad=False)")
+
+
+def _node_where(node: onnx.NodeProto, gm: torch.fx.GraphModule | None = None) -> str:
+    """The module path (from the exporter's metadata and the captured graph) and node name of ``node``."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    fx_name = None
+    match = re.match(r"%(\w+)", meta.get("pkg.torch.onnx.fx_node", ""))
+    if match:
+        fx_name = match.group(1)
+    path = None
+    if gm is not None and fx_name is not None:
+        for fx_node in gm.graph.nodes:
+            if fx_node.name == fx_name:
+                path = module_path(fx_node) or "<root module>"
+                break
+    if path is None:  # not a node of the captured graph: the exporter's scope is the best left
+        path = meta.get("namespace", "").split(":")[-1].strip() or "?"
+    return f"{path} (node {fx_name or node.name})"

@@ -1,0 +1,291 @@
+"""ONNX export and ONNX Runtime training: the artifacts train with PyTorch's loss curve.
+
+Each architecture is exported once (module-scoped fixture); ORT's AdamW (PyTorch mode) and
+``torch.optim.AdamW`` start from the same weights with the same hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime.training")
+import onnx  # noqa: E402
+import onnxruntime  # noqa: E402
+
+import effcompile  # noqa: E402
+from effcompile.export.onnx import ExportError, export_eval_model, export_training_artifacts  # noqa: E402
+from effcompile.export.ort_train import OrtTrainer, load_trainer  # noqa: E402
+
+from conftest import ARCHITECTURES, example_gpt_spec, tiny_spec  # noqa: E402
+
+OPTIMIZER = dict(lr=2e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compile(spec, passes=(), options=None):
+    return effcompile.compile(spec, passes=list(passes), options=options or {}, verify=False, measure=False).program
+
+
+def _torch_losses(program, steps: int) -> list[float]:
+    """``steps`` AdamW steps of the program's own module (a copy) on its example inputs."""
+    reference = program.clone()
+    trainable = [p for p in reference.gm.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=OPTIMIZER["lr"], betas=OPTIMIZER["betas"], eps=OPTIMIZER["eps"],
+                                  weight_decay=OPTIMIZER["weight_decay"], foreach=False)
+    losses = []
+    for _ in range(steps):
+        loss = reference.objective(reference.run())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _assert_same_curve(ort_losses: list[float], torch_losses: list[float]) -> None:
+    relative = np.abs(np.array(ort_losses) - np.array(torch_losses)) / np.abs(np.array(torch_losses))
+    assert relative.max() <= 1e-3, f"per-step relative difference {relative.max():.2e}: {ort_losses} vs {torch_losses}"
+    assert torch_losses[-1] < torch_losses[0]  # it trains at all
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def exported(request, tmp_path_factory):
+    """(architecture, program, artifacts folder) for each tiny architecture, no passes."""
+    program = _compile(tiny_spec(request.param))
+    folder = tmp_path_factory.mktemp(f"onnx_{request.param}")
+    files = export_training_artifacts(program, folder, **OPTIMIZER)
+    assert all(Path(path).exists() for path in files.values())
+    return request.param, program, folder
+
+
+def test_twenty_adamw_steps_match_pytorch(exported):
+    _, program, folder = exported
+    trainer = OrtTrainer(folder)
+    feeds = program.flat_inputs()
+    ort_losses = [trainer.step(feeds) for _ in range(20)]
+    _assert_same_curve(ort_losses, _torch_losses(program, 20))
+
+
+def test_artifacts_are_legal_for_ort_training(exported):
+    arch, program, folder = exported
+    model = onnx.load(str(folder / "training_model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert model.ir_version <= 10
+    assert not {"SplitToSequence", "SequenceAt", "CastLike"} & set(ops)
+    assert all(len(n.output) == 3 for n in model.graph.node if n.op_type == "LayerNormalization")
+    manifest = json.loads((folder / "effcompile_onnx.json").read_text())
+    # every parameter keeps its module name and trains (tied ones once, under their first name)
+    names = {n for n, _ in program.gm.named_parameters()}
+    assert set(manifest["requires_grad"]) | set(manifest["unused_params"]) == names
+    state = OrtTrainer(folder).parameters()
+    module_state = dict(program.gm.named_parameters())
+    for name in manifest["requires_grad"]:
+        np.testing.assert_array_equal(state[name], module_state[name].detach().numpy())
+    legalisation = manifest["legalisation"]
+    assert legalisation["cross_entropy_split"] == 1 and "SoftmaxCrossEntropyLoss" not in ops
+    if arch == "gpt2":
+        assert legalisation["split_from_sequence"] == 2 and legalisation["tanh_gelu_as_sigmoid"] == 2
+        assert "Tanh" not in ops
+
+
+def test_eval_matches_module(exported, tmp_path):
+    _, program, folder = exported
+    with torch.no_grad():
+        expected = program.run()
+    assert OrtTrainer(folder).eval(program.flat_inputs()) == pytest.approx(float(expected.loss), rel=1e-5)
+    # the inference model: every output tensor (loss, logits) equals the module's
+    path = export_eval_model(program, tmp_path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = dict(zip(names, [t.numpy() for t in program.flat_inputs()]))
+    outputs = session.run(None, feeds)
+    assert [o.name for o in session.get_outputs()][:2] == ["loss", "logits"]
+    np.testing.assert_allclose(outputs[0], expected.loss.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(outputs[1], expected.logits.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_save_and_resume(exported, tmp_path):
+    arch, program, folder = exported
+    if arch != "gpt2":
+        pytest.skip("one architecture is enough for the checkpoint round trip")
+    feeds = program.flat_inputs()
+    trainer = OrtTrainer(folder)
+    for _ in range(3):
+        trainer.step(feeds)
+    checkpoint = trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    continued = [trainer.step(feeds) for _ in range(2)]
+    resumed = load_trainer(folder, checkpoint)
+    assert resumed.steps_done == 3
+    assert [resumed.step(feeds) for _ in range(2)] == pytest.approx(continued, rel=1e-6)
+    # the batch dimension stays dynamic: another batch size evaluates to PyTorch's loss
+    manifest = json.loads((folder / "effcompile_onnx.json").read_text())
+    assert manifest["dynamic_batch"]
+    ids = torch.randint(0, 128, (3, feeds[0].shape[1]), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = float(program.gm(input_ids=ids, labels=ids).loss)
+    assert OrtTrainer(folder).eval({"input_ids": ids, "labels": ids}) == pytest.approx(expected, rel=1e-5)
+
+
+def test_plain_gpt_with_inf_mask_and_loss_fn(tmp_path):
+    # examples/gpt.py: symbolic_trace capture, masked_fill(-inf), the loss from the spec's loss_fn
+    spec = example_gpt_spec()
+    spec.module.h = spec.module.h[:1]  # one block and a shorter batch keep the test quick
+    spec = effcompile.ModelSpec(spec.module, (spec.args[0][:2, :32],), {}, spec.loss_fn, spec.name)
+    program = _compile(spec)
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)
+    manifest = json.loads((tmp_path / "effcompile_onnx.json").read_text())
+    assert manifest["legalisation"]["neg_inf_constants"] >= 1
+    trainer = OrtTrainer(tmp_path)
+    ort_losses = [trainer.step(program.flat_inputs()) for _ in range(3)]
+    assert all(np.isfinite(ort_losses))
+    _assert_same_curve(ort_losses, _torch_losses(program, 3))
+
+
+def test_dropout_keeps_its_mask_output_and_trains(tmp_path):
+    # dropout > 0: ORT's Dropout gradient reads the mask output, which the exporter leaves unnamed
+    program = _compile(tiny_spec("gpt2", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1))
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)
+    model = onnx.load(str(tmp_path / "training_model.onnx"))
+    dropouts = [n for n in model.graph.node if n.op_type == "Dropout"]
+    assert dropouts and all(len(n.output) == 2 for n in dropouts)
+    trainer = OrtTrainer(tmp_path)
+    losses = [trainer.step(program.flat_inputs()) for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # ORT's dropout draws its own masks
+
+
+def test_external_data_path(tmp_path, monkeypatch):
+    # models over 2 GB keep their tensors in an external file: exercise that path on a tiny model
+    import effcompile.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
+    program = _compile(tiny_spec("bert"))
+    export_training_artifacts(program, tmp_path / "train", **OPTIMIZER)
+    assert json.loads((tmp_path / "train" / "effcompile_onnx.json").read_text())["external_data"]
+    trainer = OrtTrainer(tmp_path / "train")
+    ort_losses = [trainer.step(program.flat_inputs()) for _ in range(3)]
+    _assert_same_curve(ort_losses, _torch_losses(program, 3))
+
+
+class _Atan(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.atan(self.proj(x)))
+
+
+def test_op_without_ort_gradient_is_named(tmp_path):
+    spec = effcompile.ModelSpec(_Atan(), (torch.randn(4, 8),), {}, lambda out, x: out.square().mean(), "atan")
+    program = _compile(spec)
+    with pytest.raises(ExportError) as error:
+        export_training_artifacts(program, tmp_path)
+    message = str(error.value)
+    assert "Atan at <root module> (node atan)" in message and "proj.weight" in message and "proj.bias" in message
+    assert "head.weight" not in message.split("no gradient:")[-1]  # head is above the atan: it trains
+
+
+class _Tagger(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.embed(ids)))
+
+
+@pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
+def test_builtin_loss_when_the_model_has_none(kind, tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 5))
+    regressor = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    module, inputs = (regressor, (torch.randn(6, 8),)) if kind == "mse" else (_Tagger(), (ids,))
+    program = _compile(effcompile.ModelSpec(module, inputs, {}, None, kind))
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)  # loss="auto": no loss in the model
+    trainer = OrtTrainer(tmp_path)
+    assert trainer.manifest["loss"] == kind
+    target = torch.randn(6, 1) if kind == "mse" else ids.reshape(-1)
+    reference = program.clone()
+    optimizer = torch.optim.AdamW(reference.gm.parameters(), lr=OPTIMIZER["lr"], betas=OPTIMIZER["betas"],
+                                  eps=OPTIMIZER["eps"], weight_decay=OPTIMIZER["weight_decay"], foreach=False)
+    ort_losses, torch_losses = [], []
+    for _ in range(3):
+        ort_losses.append(trainer.step([inputs[0], target]))
+        output = reference.gm(*inputs)
+        loss = torch.nn.functional.mse_loss(output, target) if kind == "mse" else \
+            torch.nn.functional.cross_entropy(output.reshape(-1, 10), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch_losses.append(float(loss.detach()))
+    _assert_same_curve(ort_losses, torch_losses)
+
+
+def test_unknown_loss_kind_is_refused(tmp_path):
+    program = _compile(effcompile.ModelSpec(_Atan(), (torch.randn(4, 8),), {}, lambda out, x: out.mean(), "atan"))
+    with pytest.raises(ExportError, match="loss 'hinge'"):
+        export_training_artifacts(program, tmp_path, loss="hinge")
+
+
+_HAVE = {name: importlib.util.find_spec(f"effcompile.passes.{name}") is not None for name in ("lora", "amp", "remat")}
+
+
+@pytest.mark.skipif(not _HAVE["lora"], reason="passes/lora.py not present")
+def test_after_lora_base_weights_stay_unchanged(tmp_path):
+    program = _compile(tiny_spec("gpt2"), ["lora"], {"lora": {"rank": 4}})
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)
+    manifest = json.loads((tmp_path / "effcompile_onnx.json").read_text())
+    assert manifest["requires_grad"] and all("lora_" in n for n in manifest["requires_grad"])
+    assert manifest["frozen_params"]
+    trainer = OrtTrainer(tmp_path)
+    before = trainer.parameters()
+    ort_losses = [trainer.step(program.flat_inputs()) for _ in range(20)]
+    after = trainer.parameters()
+    assert all(np.array_equal(before[n], after[n]) for n in manifest["frozen_params"])
+    assert any(not np.array_equal(before[n], after[n]) for n in manifest["requires_grad"])
+    _assert_same_curve(ort_losses, _torch_losses(program, 20))
+
+
+@pytest.mark.skipif(not _HAVE["lora"], reason="passes/lora.py not present")
+def test_after_lora_merge_the_inference_model_alone(tmp_path):
+    program = _compile(tiny_spec("llama"), ["lora"], {"lora": {"rank": 4, "merge": True}})
+    path = export_eval_model(program, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["effcompile_onnx.json", "eval_model.onnx"]
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = dict(zip([i.name for i in session.get_inputs()], [t.numpy() for t in program.flat_inputs()]))
+    with torch.no_grad():
+        expected = program.run()
+    np.testing.assert_allclose(session.run(["logits"], feeds)[0], expected.logits.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not _HAVE["amp"], reason="passes/amp.py not present")
+def test_after_amp_casts_are_exported_and_train(tmp_path):
+    program = _compile(tiny_spec("llama"), ["amp"], {"amp": {"compare_autocast": False}})
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)
+    model = onnx.load(str(tmp_path / "training_model.onnx"))
+    casts = [n for n in model.graph.node if n.op_type == "Cast"
+             and n.attribute[0].i == onnx.TensorProto.BFLOAT16]
+    assert casts
+    trainer = OrtTrainer(tmp_path)
+    ort_losses = [trainer.step(program.flat_inputs()) for _ in range(5)]
+    torch_losses = _torch_losses(program, 5)
+    # bf16 matmuls: ORT and PyTorch round differently, so compare the curves loosely
+    np.testing.assert_allclose(ort_losses, torch_losses, rtol=2e-2)
+    assert ort_losses[-1] < ort_losses[0]
+
+
+@pytest.mark.skipif(not _HAVE["remat"], reason="passes/remat.py not present")
+def test_after_remat_training_matches(tmp_path):
+    program = _compile(tiny_spec("gpt2"), ["remat"], {"remat": {"policy": "blocks"}})
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)
+    trainer = OrtTrainer(tmp_path)
+    ort_losses = [trainer.step(program.flat_inputs()) for _ in range(10)]
+    _assert_same_curve(ort_losses, _torch_losses(program, 10))
