@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch, effcompile, onnxruntime, peft, transformers" && touch $(STAMP)
 
+# The bundled example through four passes: adapters on its projections, sparse local attention,
+# bf16 casts, then rematerialisation planned on the result; written to build/demo.
 demo: $(STAMP)
-	$(BIN)/effcompile examples/gpt.py --passes $(DEMO_PASSES) --out build/demo --force
+	$(BIN)/effcompile examples/gpt.py --passes lora,sas,amp,remat --set lora.targets=qkv,proj \
+		--set sas.block_size=16 --set sas.window=32 --set remat.budget=0.7 --out build/demo --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
@@ -25,5 +28,3 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build $(VENV)
-
-DEMO_PASSES ?= identity

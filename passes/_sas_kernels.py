@@ -320,14 +320,17 @@ class SparseAttention(torch.nn.Module):
     def resolve_backend(self, query: torch.Tensor, key: torch.Tensor | None = None,
                         attn_mask: torch.Tensor | None = None) -> str:
         """The kernel this call uses: the configured one; for ``auto``, ``chunked`` for a block-diagonal mask
-        without a user mask (self-attention), else flex on CUDA without dropout, else gather."""
+        without a user mask (self-attention), else flex on CUDA without dropout and with tiles of a multiple
+        of 128 tokens (compiled FlexAttention's training kernels use 128-token blocks on Hopper and refuse
+        smaller tiles, seen on an H200), else gather."""
         if self.backend != "auto":
             return self.backend
         key_len = query.shape[-2] if key is None else key.shape[-2]
         if self.chunk and attn_mask is None and key_len == query.shape[-2] and \
                 (self.causal or query.shape[-2] % self.chunk == 0):
             return "chunked"
-        return "flex" if query.is_cuda and self.dropout_p == 0 else "gather"
+        flex_ok = query.is_cuda and self.dropout_p == 0 and self.block_size % 128 == 0
+        return "flex" if flex_ok else "gather"
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attn_mask: torch.Tensor | None = None, scale: float | torch.Tensor | None = None) -> torch.Tensor:
