@@ -12,16 +12,15 @@ cannot use the flash kernel — the fastest one in bfloat16/float16. A mask qual
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.fx
 
+from effcompile.graph import depends_on_input_data
 from effcompile.patterns import find_attention
 
 aten = torch.ops.aten
-_SHAPE_ONLY = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, getattr}
 
 
 def causal_mask_candidates(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
@@ -31,34 +30,9 @@ def causal_mask_candidates(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node
         mask = site.attn_mask
         if site.kind != "sdpa" or site.is_causal or not isinstance(mask, torch.fx.Node):
             continue
-        if _shape_only(mask):
+        if not depends_on_input_data(mask):
             pairs.append((site.node, mask))
     return pairs
-
-
-def _shape_only(mask: torch.fx.Node) -> bool:
-    seen: set[torch.fx.Node] = set()
-    stack = [mask]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "placeholder":
-            return False
-        if _reads_shape(node):
-            continue  # the input behind it is only measured, never read
-        stack.extend(node.all_input_nodes)
-    return True
-
-
-def _reads_shape(node: torch.fx.Node) -> bool:
-    if node.op == "call_method" and node.target in ("size", "dim"):
-        return True
-    if node.op == "call_function" and node.target in _SHAPE_ONLY:
-        return node.target is not getattr or (len(node.args) > 1 and node.args[1] in ("shape", "ndim"))
-    return node.op == "call_function" and node.target is operator.getitem and \
-        isinstance(node.args[0], torch.fx.Node) and _reads_shape(node.args[0])
 
 
 def is_causal_value(mask: Any) -> bool:

@@ -29,7 +29,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from effcompile.errors import OptionError, PassError
-from effcompile.graph import finalize, set_submodule
+from effcompile.graph import depends_on_input_data, finalize, set_submodule
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.passes._sas_kernels import BACKENDS, SparseAttention
 from effcompile.passes._sas_patterns import (
@@ -48,11 +48,6 @@ aten = torch.ops.aten
 PATTERNS = ("local", "block", "strided", "global", "mixed", "importance", "dense")
 HEAD_PATTERNS = ("local", "block", "strided", "global", "dense")
 _ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
-_SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, torch.ones_like, torch.zeros_like,
-               torch.empty_like, torch.full_like, aten.ones_like.default, aten.zeros_like.default,
-               aten.empty_like.default, aten.full_like.default, aten.new_ones.default, aten.new_zeros.default,
-               aten.new_empty.default, aten.new_full.default}
-_SHAPE_METHODS = {"size", "dim", "new_ones", "new_zeros", "new_empty", "new_full"}
 _DTYPE_OPS = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.to.dtype_layout}
 _DTYPE_METHODS = {"to", "type_as", "float", "half", "bfloat16", "clone"}
 _MUL = {operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar, "mul"}
@@ -170,25 +165,6 @@ def _numel(node: torch.fx.Node) -> int | None:
     if isinstance(value, torch.Tensor):
         return value.numel()
     return None if value is None or not isinstance(value, (int, float)) else 1
-
-
-def _depends_on_input_data(node: torch.fx.Node) -> bool:
-    """Whether ``node``'s value depends on the *data* (not just the shapes) of a graph input."""
-    seen: set[torch.fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder":
-            return True
-        if _is_call(current, _SHAPE_ONLY) or _is_call(current, _SHAPE_METHODS):
-            continue
-        if current.op == "call_function" and current.target is getattr and current.args[1:] == ("shape",):
-            continue
-        stack.extend(current.all_input_nodes)
-    return False
 
 
 def _unique_target(gm: torch.fx.GraphModule, path: str) -> str:
@@ -375,7 +351,7 @@ class StructuredAttentionSparsity(Pass):
             if mask_info["within_causal"]:
                 module.causal = True
             mask_node = node.kwargs.get("attn_mask")
-            data_dependent = isinstance(mask_node, torch.fx.Node) and _depends_on_input_data(mask_node)
+            data_dependent = isinstance(mask_node, torch.fx.Node) and depends_on_input_data(mask_node)
             if mask_info["exactly_causal"] and not data_dependent:
                 node.update_kwarg("attn_mask", None)
                 mask_handling = "causal mask replaced by causal tiles"

@@ -169,7 +169,7 @@ def _main(args: argparse.Namespace) -> int:
             passes = [str(p) for p in file_passes]
         file_options = data
     options = merge_options(file_options, parse_set_options(args.set_options))
-    device = _device(args.device)
+    device = parse_device(args.device)
     spec = resolve_spec(args.model, args.model_arg, args.batch, args.seq)
     if device.type != "cpu":
         spec = _to_device(spec, device)
@@ -184,7 +184,8 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str) -> Any:
+def parse_device(name: str) -> Any:
+    """``--device`` as a ``torch.device``; OptionError for a bad name or an absent CUDA device."""
     import torch
 
     try:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
+
+aten = torch.ops.aten
 
 
 def finalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -77,3 +81,45 @@ def block_index(path: str) -> int | None:
 
 
 _BLOCK_CONTAINERS = {"h", "layers", "layer", "blocks", "block", "layer_list"}
+
+
+# Ops whose result depends on their tensor input's shape only, never on its values.
+_SHAPE_READERS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.default, aten.sym_stride.int,
+                  torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like, aten.ones_like.default,
+                  aten.zeros_like.default, aten.empty_like.default, aten.full_like.default, aten.new_ones.default,
+                  aten.new_zeros.default, aten.new_empty.default, aten.new_full.default}
+_SHAPE_METHODS = {"size", "dim", "new_ones", "new_zeros", "new_empty", "new_full"}
+
+
+def reads_only_shape(node: torch.fx.Node) -> bool:
+    """True if ``node`` looks at its input's shape (``size``, ``sym_size``, ``ones_like``, ``.shape``...)
+    and never at its values."""
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target in _SHAPE_READERS:
+        return True
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
+    if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        return reads_only_shape(node.args[0])
+    return False
+
+
+def depends_on_input_data(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value depends on the *values* of a graph input, not just on input shapes
+    (e.g. a causal mask built from sizes does not; a padding mask built from ``attention_mask`` does)."""
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return True
+        if reads_only_shape(current):
+            continue
+        stack.extend(current.all_input_nodes)
+    return False

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli import parse_device
 from .errors import OptionError, OutputError, SpecError
 
 log = logging.getLogger(__name__)
@@ -107,18 +108,6 @@ def _check_out(args: argparse.Namespace) -> None:
     if holds_run:
         for name in ("log.jsonl", "checkpoint.pt", "summary.json", "ort_state.json"):
             (out / name).unlink(missing_ok=True)
-
-
-def _device(name: str) -> Any:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise OptionError(f"--device {name!r} is not a device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA device is available here; use --device cpu")
-    return device
 
 
 def _is_saved_folder(path: str) -> bool:
@@ -254,7 +243,7 @@ def _train_torch(args: argparse.Namespace) -> int:
     from .data import load_corpus
     from .train import Trainer
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     corpus = load_corpus(args.data, args.val_fraction, args.seed, args.max_bytes)
     model, batch, seq = _build(args, device)
     trainer = Trainer(model, corpus, _config(args, batch, seq), log_dir=args.out)
