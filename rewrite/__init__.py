@@ -53,14 +53,15 @@ class CompileResult:
 def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, passes: Sequence[str] = (),
             options: Mapping[str, Mapping[str, Any]] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
             verify: bool = True, measure: bool = True, max_error: float | None = None,
-            capture_path: str = "auto") -> CompileResult:
+            capture_path: str = "auto", dynamic_batch: bool = True) -> CompileResult:
     """Capture ``model`` on ``example_inputs`` (a tuple of positional inputs, a dict of keyword inputs,
     or one tensor), run ``passes`` in order with ``options`` (``{"remat": {"budget": 0.5}}``), verify each
     against its input, and return the result. Never modifies ``model``.
 
     ``loss_fn(output, *inputs)`` is the training objective (default: the output's ``loss`` field);
     ``max_error`` fails approximate passes whose relative output error exceeds it; ``measure`` runs the
-    cost model before and after each pass (bytes saved for backward, FLOPs).
+    cost model before and after each pass (bytes saved for backward, FLOPs); ``dynamic_batch=False``
+    captures exported graphs at the example's batch size only (faster capture).
     Raises EffcompileError subclasses for bad input and VerificationError for broken numerics.
     """
     if isinstance(model, ModelSpec):
@@ -73,7 +74,7 @@ def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, pass
     from .pass_manager import resolve_passes
 
     resolved = resolve_passes(list(passes), options or {})
-    program = capture(spec, capture_path)
+    program = capture(spec, capture_path, dynamic_batch)
     result = PassManager(resolved, verify=verify, measure=measure, max_error=max_error).run(program)
     report = Report(model=_model_summary(result.program, program, result.analysis_before), records=result.records)
     return CompileResult(result.program.gm, result.program, report)

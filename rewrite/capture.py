@@ -24,11 +24,13 @@ CAPTURE_PATHS = ("auto", "symbolic_trace", "export")
 _PACKAGE_DIRS = (str(Path(__file__).resolve().parent) + "/", str(Path(__file__).resolve().parent.parent / "passes") + "/")
 
 
-def capture(spec: ModelSpec, path: str = "auto") -> Program:
+def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True) -> Program:
     """Capture ``spec.module`` (a deep copy: the user's model is never touched) into a Program.
 
     ``path`` is ``auto`` (symbolic tracing, falling back to export), ``symbolic_trace`` or ``export``.
-    Raises CaptureError naming the op or source line neither path could follow.
+    ``dynamic_batch``: export with a symbolic batch dimension (any batch ≥ 2 runs without re-capture;
+    export takes about twice as long); False pins the example's shapes. Symbolic tracing is always
+    shape-generic. Raises CaptureError naming the op or source line neither path could follow.
     """
     if path not in CAPTURE_PATHS:
         raise CaptureError(f"unknown capture path {path!r}; use one of {', '.join(CAPTURE_PATHS)}")
@@ -51,7 +53,7 @@ def capture(spec: ModelSpec, path: str = "auto") -> Program:
     else:
         failures.append("symbolic_trace: skipped (Hugging Face models need torch.export)")
     try:
-        gm = _export(module, spec)
+        gm = _export(module, spec, dynamic_batch)
     except Exception as error:
         detail = "; ".join(failures + [f"torch.export: {_where(error)}"])
         raise CaptureError(f"cannot capture {spec.name}: {detail}; make that code traceable "

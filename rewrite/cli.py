@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq", type=int, default=32, help="sequence length of hf: example inputs (default 32)")
     parser.add_argument("--capture", default="auto", choices=("auto", "symbolic_trace", "export"),
                         help="capture path (default auto: symbolic_trace, falling back to torch.export)")
+    parser.add_argument("--static-batch", action="store_true",
+                        help="export at the example batch size only (faster capture; default: dynamic batch)")
     parser.add_argument("--out", help="write report.json, the rewritten module and exports here")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     parser.add_argument("--export", action="append", default=[], choices=EXPORT_KINDS,
@@ -174,7 +176,8 @@ def _main(args: argparse.Namespace) -> int:
     if device.type != "cpu":
         spec = _to_device(spec, device)
     result = compile_model(spec, passes=passes, options=options, verify=not args.no_verify,
-                           max_error=args.max_error, capture_path=args.capture)
+                           max_error=args.max_error, capture_path=args.capture,
+                           dynamic_batch=not args.static_batch)
     if args.out:
         _write(result, args)
     if args.json:

@@ -106,3 +106,12 @@ def test_exported_graph_runs_under_autocast():
         output = program.run()
     output.loss.backward()
     assert torch.isfinite(output.loss)
+
+
+def test_static_batch_capture_equals_the_model():
+    spec = tiny_spec("gpt2")
+    program = capture(spec, dynamic_batch=False)
+    assert not program.gm.meta.get("dynamic_batch")
+    torch.manual_seed(0)
+    expected = spec.module(**spec.kwargs)
+    torch.testing.assert_close(program.run().logits, expected.logits)
