@@ -1,15 +1,14 @@
-# make demo: compile the bundled example GPT and print the report.  make test: run the test suite.
+# make demo: run the bundled example GPT through the passes and print the report.  make test: the test suite.
 # Both create .venv on first use: torch 2.13.0 (CPU build) first, so pip does not pull CUDA wheels.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-cpu clean
+.PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import torch, effcompile, onnxruntime, peft, transformers" && touch $(STAMP)
