@@ -171,13 +171,15 @@ def causal_sdpa(program: Any) -> int:
     instead of the boolean mask ``torch.export`` materialised (when it depends on shapes only and equals
     the lower-triangular mask on these inputs), and ``enable_gqa=True`` on the un-repeated key/value
     instead of ``repeat_kv``'s copies. Exact; restores the flash kernel. Returns how many SDPA calls changed. ``program``: an ``effcompile.program.Program``, rewritten in place."""
+    from effcompile.graph import depends_on_input_data
+
     gm = program.gm
     aten = torch.ops.aten
     candidates = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
             mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-            if isinstance(mask, torch.fx.Node) and not _depends_on_input_data(mask):
+            if isinstance(mask, torch.fx.Node) and not depends_on_input_data(mask):
                 candidates[node] = mask
     if not candidates:
         return 0
@@ -230,23 +232,6 @@ def _repeat_kv_source(node: Any) -> torch.fx.Node | None:
             and unsqueeze.args[1] == 2):
         return None
     return unsqueeze.args[0]
-
-
-def _depends_on_input_data(node: torch.fx.Node) -> bool:
-    """Whether ``node`` depends on a graph input's values (reaching one only through ``sym_size`` is shape)."""
-    seen: set[torch.fx.Node] = set()
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder":
-            return True
-        if current.op == "call_function" and current.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size):
-            continue
-        stack.extend(current.all_input_nodes)
-    return False
 
 
 def relax_float_asserts(gm: torch.fx.GraphModule) -> int:
