@@ -25,6 +25,8 @@ _RANDOM_TARGETS = {aten.dropout.default, aten.native_dropout.default, aten.berno
                    aten.randint.low, aten.randint.default, aten.randperm.default, aten.feature_dropout.default,
                    aten.alpha_dropout.default, torch.nn.functional.dropout, torch.dropout, torch.rand, torch.randn,
                    torch.rand_like, torch.randn_like, torch.bernoulli}
+# (query, key, value, attn_mask, dropout_p, ...): random when dropout_p is not a literal 0.
+_ATTENTION_WITH_DROPOUT = {aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
 
 
 class CheckpointedSegment(torch.nn.Module):
@@ -78,6 +80,9 @@ def is_random(node: torch.fx.Node) -> bool:
         probability = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
         training = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", node.kwargs.get("training", True))
         return not (isinstance(probability, (int, float)) and probability == 0) and training is not False
+    if target in _ATTENTION_WITH_DROPOUT:  # attention kernels draw their dropout mask internally
+        probability = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        return not (isinstance(probability, (int, float)) and probability == 0)
     return target in _RANDOM_TARGETS or (node.op == "call_method" and node.target in ("bernoulli_", "uniform_",
                                                                                        "normal_", "random_"))
 

@@ -183,3 +183,12 @@ def test_autocast_plan_matches_what_autocast_training_saves(captured):
         measured = measure_saved_bytes(rewritten.gm, rewritten)
     predicted = record.details["predicted_saved_bytes_after"]
     assert abs(measured - predicted) <= 0.15 * predicted
+
+
+@pytest.mark.parametrize("policy", [{"policy": "blocks"}, {"budget": 0.7}])
+def test_attention_dropout_inside_sdpa_recomputes_with_the_same_random_state(policy):
+    # BERT's SDPA call carries dropout_p itself (no separate dropout node): the segment must keep the RNG state.
+    spec = tiny_spec("bert", attention_probs_dropout_prob=0.1)
+    result = effcompile.compile(spec, passes=["remat"], options={"remat": policy}, measure=False)
+    verify = result.report.record("remat").verify
+    assert result.report.record("remat").changed and verify.ok and verify.grads_compared > 0
