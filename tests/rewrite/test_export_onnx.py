@@ -289,3 +289,18 @@ def test_after_remat_training_matches(tmp_path):
     trainer = OrtTrainer(tmp_path)
     ort_losses = [trainer.step(program.flat_inputs()) for _ in range(10)]
     _assert_same_curve(ort_losses, _torch_losses(program, 10))
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gpt_neox"])
+def test_other_architectures_export_and_train(model_type, tmp_path):
+    """Architectures the passes are not tuned on still export and train in ORT (loss falls)."""
+    from effcompile.spec import load_hf_spec
+
+    from conftest import generic_tiny_overrides
+
+    spec = load_hf_spec(model_type, generic_tiny_overrides(model_type), batch=2, seq=16)
+    result = effcompile.compile(spec, passes=[], measure=False, verify=False)
+    export_training_artifacts(result.program, tmp_path, lr=1e-3)
+    trainer = OrtTrainer(tmp_path)
+    losses = [trainer.step(dict(spec.kwargs)) for _ in range(4)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
