@@ -41,7 +41,10 @@ from ._linear_rewrite import check_patterns, erase_dead_attrs, install_site, sel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "query", "key", "value")
+# The attention projections under the names architectures give them (the list, plus the fused
+# query-key-value projections of GPT-NeoX/Falcon/BLOOM, Phi-3 and MPT).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "query", "key", "value",
+                   "query_key_value", "qkv_proj", "Wqkv")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEFT_PREFIX = "base_model.model."
 
