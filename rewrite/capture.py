@@ -110,7 +110,7 @@ def _batch_dynamic_shapes(spec: ModelSpec) -> tuple | dict:
 
     def mark(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return {0: torch.export.Dim.AUTO}
+            return {0: torch.export.Dim.DYNAMIC}
         if isinstance(value, (list, tuple)):
             return type(value)(mark(v) for v in value)
         if isinstance(value, dict):
