@@ -352,6 +352,19 @@ def run_pipeline(program: Program, batches: Callable[[int], tuple[tuple, dict[st
             "peak_bytes": peak, "grads": grads}
 
 
+def init_distributed(device_kind: str, timeout_minutes: int = 10) -> tuple[int, int, torch.device]:
+    """Join the ``torchrun`` process group (NCCL for ``cuda``, gloo otherwise) and pick this rank's
+    device (``cuda:LOCAL_RANK``). Returns (rank, world size, device)."""
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device_kind != "cuda":
+        return rank, world, torch.device("cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+    torch.cuda.set_device(device)
+    return rank, world, device
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m effcompile.pipeline_runtime",
                                      description="Train a model split by the pipeline pass under torchrun.")
@@ -379,13 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .spec import resolve_spec
 
     options = _parse(argv)
-    backend = "nccl" if options.device == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}") if options.device == "cuda" \
-        else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed(options.device)
     try:
         compiled: dict[int, Any] = {}
         for schedule in options.schedule.split(","):

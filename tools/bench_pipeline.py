@@ -20,7 +20,6 @@ work (includes imbalance and communication). Theoretical = (K-1)/(M+K-1).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -307,13 +306,9 @@ def main() -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     if launched:
-        backend = "nccl" if options.device == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=15))
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}") if options.device == "cuda" \
-            else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+        from effcompile.pipeline_runtime import init_distributed
+
+        rank, world, device = init_distributed(options.device, timeout_minutes=15)
         bench = Bench(options, rank, world, device)
         try:
             bench.distributed()
