@@ -8,6 +8,7 @@ import importlib
 import logging
 import pkgutil
 import time
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -123,7 +124,7 @@ def describe_passes() -> list[dict[str, Any]]:
     rows = []
     for name, cls in registry().items():
         options = []
-        hints = __import__("typing").get_type_hints(cls.Config)
+        hints = typing.get_type_hints(cls.Config)
         for f in dataclasses.fields(cls.Config):
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
