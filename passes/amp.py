@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from torch.fx.node import map_arg
 from torch.utils import _pytree as pytree
 
+from effcompile.canonical import causal_mask_candidates, is_causal_value, set_causal
 from effcompile.errors import OptionError, PassError
 from effcompile.graph import set_submodule
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program
 
-from ._amp_causal import causal_mask_candidates, is_causal_value, set_causal
 from ._amp_policy import DEFAULT_KEEP_FP32, KEEP_FP32_CLASSES, classify, is_known_op, keep_fp32_names, op_name
 from ._amp_weights import LowPrecisionWeights
 

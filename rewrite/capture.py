@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from .canonical import causal_sdpa
 from .errors import CaptureError
 from .program import Program
 from .spec import ModelSpec
@@ -24,13 +25,16 @@ CAPTURE_PATHS = ("auto", "symbolic_trace", "export")
 _PACKAGE_DIRS = (str(Path(__file__).resolve().parent) + "/", str(Path(__file__).resolve().parent.parent / "passes") + "/")
 
 
-def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True) -> Program:
+def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, canonical: bool = True) -> Program:
     """Capture ``spec.module`` (a deep copy: the user's model is never touched) into a Program.
 
     ``path`` is ``auto`` (symbolic tracing, falling back to export), ``symbolic_trace`` or ``export``.
     ``dynamic_batch``: export with a symbolic batch dimension (any batch ≥ 2 runs without re-capture;
     export takes about twice as long); False pins the example's shapes. Symbolic tracing is always
-    shape-generic. Raises CaptureError naming the op or source line neither path could follow.
+    shape-generic. ``canonical``: on exported graphs, give SDPA calls whose mask is the materialised causal
+    mask ``is_causal=True`` (and ``enable_gqa`` instead of ``repeat_kv`` copies), as eager mode calls it
+    (exact; see ``effcompile.canonical``); the count is ``program.meta["causal_sdpa"]``. Raises
+    CaptureError naming the op or source line neither path could follow.
     """
     if path not in CAPTURE_PATHS:
         raise CaptureError(f"unknown capture path {path!r}; use one of {', '.join(CAPTURE_PATHS)}")
@@ -58,8 +62,11 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True) -> 
         detail = "; ".join(failures + [f"torch.export: {_where(error)}"])
         raise CaptureError(f"cannot capture {spec.name}: {detail}; make that code traceable "
                            "(no data-dependent Python control flow) or wrap it in a leaf module") from error
-    return Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "export", spec.name,
-                   {"fallback_reason": failures[0] if failures else None})
+    program = Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "export", spec.name,
+                      {"fallback_reason": failures[0] if failures else None})
+    if canonical:
+        program.meta["causal_sdpa"] = causal_sdpa(program)
+    return program
 
 
 def _is_hf_model(module: torch.nn.Module) -> bool:

@@ -11,9 +11,9 @@ Configurations, all measured in the same run on the same random weights (TinyLla
   ours_bf16_masked ``ours_bf16`` keeping the explicit causal mask ``torch.export`` materialised
 
 Our rows run the captured graph; export turns Hugging Face's ``is_causal=True, enable_gqa=True`` SDPA
-call into one with an explicit boolean mask (no flash kernel) on ``repeat_kv`` copies, so the bench gives
-SDPA its eager arguments back when the mask is provably the causal one (``causal_sdpa``; exact) —
-``ours_bf16_masked`` shows what that costs.
+call into one with an explicit boolean mask (no flash kernel) on ``repeat_kv`` copies, and capture gives
+SDPA its eager arguments back when the mask is provably the causal one (``effcompile.canonical``; exact) —
+``ours_bf16_masked`` turns that off to show what it is worth.
 
 Prints one row per configuration as soon as it is measured (ms/step, peak GiB, trainable parameters,
 first-step loss), then the ratios (peak ÷ full fine-tuning, ms ÷ PEFT). Writes the rows as JSON to
@@ -139,7 +139,8 @@ def make_peft(shapes: Shapes, device: torch.device, ids: torch.Tensor) -> torch.
 def make_ours(passes: list[str], extra: dict[str, Any], causal: bool = True
               ) -> Callable[[Shapes, torch.device, torch.Tensor], torch.nn.Module]:
     """A builder compiling the model with effcompile ``passes`` (lora r16 / alpha 32 on all linears).
-    ``causal``: give SDPA ``is_causal=True`` instead of the explicit causal mask export materialised."""
+    ``causal``: let capture give SDPA ``is_causal=True`` instead of the explicit causal mask export
+    materialised (False keeps the mask: the ``ours_bf16_masked`` row)."""
 
     def build(shapes: Shapes, device: torch.device, ids: torch.Tensor) -> torch.nn.Module:
         from effcompile.capture import capture
@@ -148,14 +149,13 @@ def make_ours(passes: list[str], extra: dict[str, Any], causal: bool = True
 
         model = build_llama(shapes, device)
         inputs = {"input_ids": ids, "labels": ids}
-        program = capture(ModelSpec(model, (), inputs, None, "llama"))
+        program = capture(ModelSpec(model, (), inputs, None, "llama"), canonical=causal)
         del model
+        if causal:
+            print(f"  ({program.meta['causal_sdpa']} SDPA calls given is_causal=True and enable_gqa at capture, "
+                  "as eager HF calls them)", flush=True)
         lora = {"rank": RANK, "alpha": ALPHA, "targets": ",".join(LINEARS), **extra}
         program = PassManager(resolve_passes(["lora"], {"lora": lora}), verify=False, measure=False).run(program).program
-        relax_float_asserts(program.gm)
-        if causal:  # before remat, which moves attention into checkpointed sub-graphs
-            replaced = causal_sdpa(program)
-            print(f"  ({replaced} SDPA calls given is_causal=True (and enable_gqa) as eager HF calls them)", flush=True)
         for name in passes:
             if name != "lora":
                 options = {"remat": {"budget": REMAT_BUDGET}} if name == "remat" else {}
@@ -164,88 +164,6 @@ def make_ours(passes: list[str], extra: dict[str, Any], causal: bool = True
         return program.gm
 
     return build
-
-
-def causal_sdpa(program: Any) -> int:
-    """Give SDPA back the arguments eager Hugging Face passes without a padding mask: ``is_causal=True``
-    instead of the boolean mask ``torch.export`` materialised (when it depends on shapes only and equals
-    the lower-triangular mask on these inputs), and ``enable_gqa=True`` on the un-repeated key/value
-    instead of ``repeat_kv``'s copies. Exact; restores the flash kernel. Returns how many SDPA calls changed. ``program``: an ``effcompile.program.Program``, rewritten in place."""
-    from effcompile.graph import depends_on_input_data
-
-    gm = program.gm
-    aten = torch.ops.aten
-    candidates = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
-            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-            if isinstance(mask, torch.fx.Node) and not depends_on_input_data(mask):
-                candidates[node] = mask
-    if not candidates:
-        return 0
-    values: dict[torch.fx.Node, torch.Tensor] = {}
-    wanted = set(candidates.values())
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node: torch.fx.Node) -> Any:
-            result = super().run_node(node)
-            if node in wanted:
-                values[node] = result
-            return result
-
-    with torch.no_grad():
-        Recorder(gm).run(*program.flat_inputs())
-    changed = 0
-    for node, mask in candidates.items():
-        value = values.get(mask)
-        if value is None or value.dtype != torch.bool or value.dim() < 2:
-            continue
-        rows, cols = value.shape[-2:]
-        if not torch.equal(value, torch.ones(rows, cols, dtype=torch.bool, device=value.device).tril().expand_as(value)):
-            continue
-        query, key, val = node.args[:3]
-        rest = dict(zip(("dropout_p", "is_causal", "scale", "enable_gqa"), node.args[4:]))
-        rest.update({k: v for k, v in node.kwargs.items() if k != "attn_mask"})
-        rest["is_causal"] = True
-        key_source, value_source = _repeat_kv_source(key), _repeat_kv_source(val)
-        if key_source is not None and value_source is not None:  # eager HF: enable_gqa, no repeat_kv copies
-            key, val = key_source, value_source
-            rest["enable_gqa"] = True
-        node.args, node.kwargs = (query, key, val), rest
-        changed += 1
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return changed
-
-
-def _repeat_kv_source(node: Any) -> torch.fx.Node | None:
-    """The un-repeated key/value behind Hugging Face's ``repeat_kv`` in aten form
-    (``reshape(expand(unsqueeze(x, 2), [B, Hkv, n, S, D]), [B, Hkv·n, S, D])``), or None."""
-    aten = torch.ops.aten
-    if not (isinstance(node, torch.fx.Node) and node.target is aten.reshape.default):
-        return None
-    expand = node.args[0]
-    if not (isinstance(expand, torch.fx.Node) and expand.target is aten.expand.default and len(expand.args[1]) == 5):
-        return None
-    unsqueeze = expand.args[0]
-    if not (isinstance(unsqueeze, torch.fx.Node) and unsqueeze.target is aten.unsqueeze.default
-            and unsqueeze.args[1] == 2):
-        return None
-    return unsqueeze.args[0]
-
-
-def relax_float_asserts(gm: torch.fx.GraphModule) -> int:
-    """Drop the float dtype from export's ``_assert_tensor_metadata`` checks, which pin the capture-time
-    float32 and so refuse to run under ``torch.autocast``. Returns how many checks were relaxed."""
-    relaxed = 0
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
-            dtype = node.kwargs.get("dtype")
-            if dtype is not None and dtype.is_floating_point:
-                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dtype"}
-                relaxed += 1
-    gm.recompile()
-    return relaxed
 
 
 BUILDERS: dict[str, tuple[str, Callable[..., torch.nn.Module]]] = {

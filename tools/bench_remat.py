@@ -79,37 +79,6 @@ def remat_module(base: Program, options: dict, device: str) -> tuple[torch.nn.Mo
     return result.program.gm, record.details
 
 
-def canonical_causal_masks(program: Program) -> int:
-    """Give SDPA calls whose mask is the materialised causal mask ``is_causal=True`` (exact), so the
-    captured graph runs the flash kernel like HF eager does; the ``amp`` pass's helper does the
-    matching. Returns how many calls changed (0 when the helper is unavailable)."""
-    try:
-        from effcompile.passes._amp_causal import causal_mask_candidates, is_causal_value, set_causal
-    except ImportError:
-        return 0
-    pairs = causal_mask_candidates(program.gm)
-    masks = {mask for _, mask in pairs}
-    values: dict[torch.fx.Node, Any] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node: torch.fx.Node) -> Any:
-            result = super().run_node(node)
-            if node in masks:
-                values[node] = result
-            return result
-
-    with torch.no_grad():
-        Recorder(program.gm).run(*program.flat_inputs())
-    changed = 0
-    for sdpa, mask in pairs:
-        if is_causal_value(values.get(mask)):
-            set_causal(sdpa)
-            changed += 1
-    program.gm.graph.eliminate_dead_code()  # the mask arithmetic; modules stay registered (names kept)
-    program.gm.recompile()
-    return changed
-
-
 def plain_graph(base: Program, device: str) -> torch.nn.Module:
     """The captured graph without any pass (separates what capture changes from what remat changes)."""
     program = base.clone()
@@ -185,7 +154,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
             # Planned at the training batch, so the byte figures are those of the measured run.
             spec = build_spec(model_config, args.batch, args.seq, device)
             base = capture(spec, "export")
-            made_causal = canonical_causal_masks(base)
+            made_causal = base.meta.get("causal_sdpa", 0)  # capture's exact canonicalisation
             log(f"# captured: {len(base.gm.graph.nodes)} nodes; {made_causal} SDPA calls given is_causal=True "
                 "instead of their materialised causal mask (as HF eager runs them)")
             base.gm.to("cpu")  # parameters wait on the CPU; each configuration copies them back

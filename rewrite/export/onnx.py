@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import json
 import logging
@@ -59,6 +60,7 @@ from .onnx_legalize import (
 )
 
 log = logging.getLogger(__name__)
+aten = torch.ops.aten
 
 MANIFEST = "effcompile_onnx.json"
 INFERENCE_BESIDE_ARTIFACTS = "inference_model.onnx"  # the inference model's name when training artifacts share the folder
@@ -252,8 +254,40 @@ def _input_names(program: Program) -> list[str]:
     return list(bound.arguments)
 
 
+def _repeat_heads(tensor: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``tensor [B, Hkv, S, D]`` with each head repeated to ``query``'s head count, as Hugging Face's
+    ``repeat_kv`` does it (unsqueeze, expand, reshape)."""
+    batch, kv_heads, length, dim = tensor.shape
+    groups = query.shape[1] // kv_heads
+    return tensor[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(batch, kv_heads * groups, length, dim)
+
+
+def _without_gqa(program: Program) -> Program:
+    """``program`` with every ``enable_gqa=True`` SDPA call fed explicitly repeated key/value heads instead
+    (the form capture canonicalises away, see ``effcompile.canonical``): ORT training cannot differentiate
+    the exporter's translation of ``enable_gqa``. Shares the parameters; returns ``program`` if none."""
+    sdpa = aten.scaled_dot_product_attention.default
+    if not any(n.op == "call_function" and n.target is sdpa and n.kwargs.get("enable_gqa")
+               for n in program.gm.graph.nodes):
+        return program
+    graph = copy.deepcopy(program.gm.graph)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is sdpa and node.kwargs.get("enable_gqa"):
+            query, key, value = node.args[:3]
+            with graph.inserting_before(node):
+                key = graph.call_function(_repeat_heads, (key, query))
+                value = graph.call_function(_repeat_heads, (value, query))
+            node.args = (query, key, value, *node.args[3:])
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "enable_gqa"}
+    gm = torch.fx.GraphModule(program.gm, graph)
+    gm.train(program.gm.training)
+    return Program(gm, program.args, program.kwargs, program.loss_fn, program.capture_path, program.name,
+                   dict(program.meta))
+
+
 def _export(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onnx.ModelProto, ExportInfo, dict[str, str]]:
     """Export the wrapped program; returns the ONNX model, its ExportInfo and initializer→module names."""
+    program = _without_gqa(program)
     wrapper = _Wrapper(program, mode)
     wrapper.train(program.gm.training)
     flat = tuple(program.flat_inputs())
