@@ -286,7 +286,15 @@ class SparseAttention(torch.nn.Module):
     ``tile_mask`` (a buffer ``[H or 1, nQ, nK]``, bool) says which tiles of each head are computed.
     ``mode`` is ``sparse`` after the pass; the pass uses ``probe`` (dense, records shapes and the mask) and
     ``calibrate`` (dense, accumulates Σ|A|·|∂L/∂A| per tile into ``importance``) while planning.
+
+    ``warmup`` (``sas.warmup``, importance pattern): the module runs dense for its first ``warmup_left``
+    forward passes with gradients (training micro-batches), scoring tiles on them with an exponential
+    moving average (decay ``WARMUP_DECAY`` per pass, so the latest weights count most); the next such pass
+    selects ``density`` of the tiles from those scores and switches to ``sparse``. Passes without gradients
+    (validation) run dense and do not count.
     """
+
+    WARMUP_DECAY = 0.95
 
     def __init__(self, block_size: int, causal: bool, scale: float | None, dropout_p: float = 0.0,
                  backend: str = "auto", tile_mask: torch.Tensor | None = None) -> None:
@@ -303,6 +311,8 @@ class SparseAttention(torch.nn.Module):
         # Set by the pass when every head's mask is the block-diagonal ``block`` pattern of this many tokens:
         # backend=auto then runs ``chunked_attention`` (dense SDPA over chunks: flash on CUDA).
         self.chunk = 0
+        self.warmup_left = 0
+        self.density = 1.0
         self.register_buffer("tile_mask", tile_mask if tile_mask is not None else
                              torch.ones(1, 1, 1, dtype=torch.bool))
         self._block_masks: dict[tuple, Any] = {}
@@ -342,6 +352,13 @@ class SparseAttention(torch.nn.Module):
             return self._dense(query, key, value, attn_mask, scale, record=False)
         if self.mode == "calibrate":
             return self._dense(query, key, value, attn_mask, scale, record=True)
+        if self.mode == "warmup":
+            if not torch.is_grad_enabled():
+                return self._dense(query, key, value, attn_mask, scale, record=False)
+            if self.warmup_left > 0:
+                self.warmup_left -= 1
+                return self._dense(query, key, value, attn_mask, scale, record=True)
+            self.finish_warmup()
         backend = self.resolve_backend(query, key, attn_mask)
         if backend == "chunked":
             return chunked_attention(query, key, value, self.chunk, self.causal, scale, self.dropout_p)
@@ -421,11 +438,27 @@ class SparseAttention(torch.nn.Module):
         output = torch.matmul(probs.to(value4.dtype), value4)
         return output.squeeze(1) if squeezed else output
 
+    def finish_warmup(self) -> None:
+        """Select ``density`` of the tiles from the importance scored so far and switch to ``sparse``
+        (the tiles chosen at compile time stay if nothing was scored)."""
+        from effcompile.passes._sas_patterns import select_important_tiles
+
+        if self.importance is not None:
+            tiles = select_important_tiles(self.importance, self.causal, self.density)
+            self.tile_mask = tiles.to(self.tile_mask.device)
+            self._block_masks = {}
+        self.mode, self.importance, self.warmup_left = "sparse", None, 0
+
     def _accumulate(self, probs: torch.Tensor, grad: torch.Tensor) -> None:
         bs = self.block_size
         score = (probs.float() * grad.float()).abs().sum(0)  # [H, Sq, Sk]
         heads, query_len, key_len = score.shape
         rows, cols = math.ceil(query_len / bs), math.ceil(key_len / bs)
         score = F.pad(score, (0, cols * bs - key_len, 0, rows * bs - query_len))
-        tiles = score.view(heads, rows, bs, cols, bs).sum((2, 4)).cpu()
-        self.importance = tiles if self.importance is None else self.importance + tiles
+        tiles = score.view(heads, rows, bs, cols, bs).sum((2, 4))
+        if self.importance is None:
+            self.importance = tiles
+        elif self.mode == "warmup":
+            self.importance = self.importance.to(tiles.device) * self.WARMUP_DECAY + tiles
+        else:
+            self.importance = self.importance.to(tiles.device) + tiles

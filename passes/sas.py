@@ -207,6 +207,10 @@ class StructuredAttentionSparsity(Pass):
         heads: tuple[str, ...] = field(default=(), metadata={
             "help": "mixed: comma-separated per-head patterns, cycled (default: half local, half strided)"})
         calib_steps: int = field(default=2, metadata={"help": "importance: forward/backward passes to score tiles"})
+        warmup: int = field(default=0, metadata={
+            "help": "importance: run dense for the first N training forward passes (micro-batches), scoring tiles "
+                    "on the training data, then re-select the tiles from those scores (0: keep the tiles scored "
+                    "at compile time on the example inputs)"})
         backend: Literal["auto", "flex", "gather", "reference"] = field(default="auto", metadata={
             "help": "kernel: auto (flex on CUDA, gather elsewhere), flex, gather, reference (masked SDPA)"})
 
@@ -231,6 +235,11 @@ class StructuredAttentionSparsity(Pass):
                 raise OptionError(f"sas: n_global {self.n_global} must be ≥ 0")
             if self.calib_steps < 1:
                 raise OptionError(f"sas: calib_steps {self.calib_steps} must be ≥ 1")
+            if self.warmup < 0:
+                raise OptionError(f"sas: warmup {self.warmup} must be ≥ 0 forward passes")
+            if self.warmup and self.pattern != "importance":
+                raise OptionError("sas: warmup re-scores the importance pattern; set --set sas.pattern=importance "
+                                  "or drop sas.warmup")
             bad = [h for h in self.heads if h not in HEAD_PATTERNS]
             if bad:
                 raise OptionError(f"sas: heads lists unknown pattern {bad[0]!r}; use {', '.join(HEAD_PATTERNS)}")
@@ -269,6 +278,8 @@ class StructuredAttentionSparsity(Pass):
         for detail, (target, _, module) in zip(sites_details, installed):
             module.tile_mask = self._tile_mask(module, config).to(module.tile_mask.device)
             module.mode, module.backend, module.importance = "sparse", config.backend, None
+            if config.warmup:
+                module.mode, module.warmup_left, module.density = "warmup", config.warmup, config.density
             if set(head_patterns(module.observed["heads"], config.pattern, config.heads)) == {"block"}:
                 module.chunk = config.block
             masks[target] = module.tile_mask.detach().cpu().clone()

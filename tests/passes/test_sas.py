@@ -181,14 +181,14 @@ def test_importance_selection_keeps_exact_density(heads, blocks, density, causal
 
 
 @pytest.mark.parametrize("name, sites, mask", [
-    ("gpt2", 2, "causal mask replaced by causal tiles"),
-    ("llama", 2, "causal mask replaced by causal tiles"),
+    ("gpt2", 2, "none"),  # capture already gave SDPA is_causal=True for export's causal mask
+    ("llama", 2, "none"),
     ("bert", 2, "bool mask applied within kept tiles"),
     ("llama_eager", 2, "causal mask replaced by causal tiles"),
     ("example", 4, "causal mask replaced by causal tiles"),
 ])
 def test_sites_per_architecture(programs, name, sites, mask):
-    """The report counts the rewritten sites; HF's causal SDPA mask becomes causal tiles, BERT's padding
+    """The report counts the rewritten sites; a causal mask becomes causal tiles, BERT's padding
     mask is kept (not causal); no attention is left for the matcher; the full pattern is exact."""
     program = programs(name)
     record, rewritten = run_sas(program, pattern="dense", block_size=4)
@@ -229,6 +229,35 @@ def test_importance_pattern_on_model(programs):
         assert mask.diagonal(dim1=1, dim2=2).all()
     assert all(site["density"] == 0.5 for site in record.details["sites"])
     assert all(p.grad is None for p in rewritten.gm.parameters())
+
+
+def test_importance_warmup_rescores_on_training_passes(programs):
+    """sas.warmup=N: the first N forward passes with gradients run dense (validation passes do not count);
+    the next one selects exactly ``density`` of the tiles from the scores of those passes and runs sparse."""
+    program = programs("llama")
+    _, rewritten = run_sas(program, pattern="importance", block_size=4, density=0.5, calib_steps=1, warmup=3)
+    modules = [m for m in rewritten.gm.modules() if isinstance(m, SparseAttention)]
+    compile_time = [m.tile_mask.clone() for m in modules]
+    torch.manual_seed(0)
+    dense = program.objective(program.run())
+    assert all(m.mode == "warmup" and m.warmup_left == 3 for m in modules)
+    for _ in range(3):
+        torch.manual_seed(0)
+        loss = rewritten.objective(rewritten.run())
+        torch.testing.assert_close(loss, dense, rtol=1e-5, atol=1e-6)  # still dense
+        loss.backward()
+        with torch.no_grad():  # a validation pass: dense, not counted
+            rewritten.run()
+    assert all(m.mode == "warmup" and m.warmup_left == 0 and m.importance is not None for m in modules)
+    scores = [m.importance.clone() for m in modules]
+    torch.manual_seed(0)
+    sparse = rewritten.objective(rewritten.run())
+    assert all(m.mode == "sparse" and m.importance is None for m in modules)
+    assert float((sparse - dense).abs()) > 1e-6
+    for module, score, before in zip(modules, scores, compile_time, strict=True):
+        assert module.tile_mask.sum((1, 2)).tolist() == [5] * 4 and module.tile_mask.diagonal(dim1=1, dim2=2).all()
+        assert torch.equal(module.tile_mask, select_important_tiles(score, True, 0.5))
+        assert before.shape == module.tile_mask.shape
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -294,6 +323,8 @@ def test_no_attention_is_not_changed():
     ({"heads": "local,diagonal", "pattern": "mixed"}, "unknown pattern 'diagonal'"),
     ({"heads": "local"}, "only used with pattern=mixed"),
     ({"calib_steps": 0}, "calib_steps 0"),
+    ({"warmup": -1}, "warmup -1"),
+    ({"warmup": 10}, "pattern=importance"),
     ({"backend": "triton"}, "sas.backend"),
 ])
 def test_bad_options(options, message):
