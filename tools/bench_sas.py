@@ -266,6 +266,8 @@ def bench_end_to_end(args: argparse.Namespace, device: str, budget_s: float) -> 
 
             step = functools.partial(_train_step, module, optimizer, loss_fn, idx, device)
             results[name] = timed(step, device, 2 if args.quick else 3, 3 if args.quick else 5)
+            if args.profile:
+                profile_step(step, device, name)
             row: dict[str, Any] = {"section": "end-to-end", "config": name, "layers": layers, "width": width,
                                    "seq": seq, "batch": batch, "ms_per_step": results[name]}
             if options is not None:
@@ -275,6 +277,20 @@ def bench_end_to_end(args: argparse.Namespace, device: str, budget_s: float) -> 
             emit({"section": "end-to-end", "config": name,
                   "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"})
             traceback.print_exc(limit=3)
+
+
+def profile_step(step: Callable[[], None], device: str, name: str, rows: int = 15) -> None:
+    """Print where one training step spends its device time (torch.profiler, top ``rows`` ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(f"--- profile: {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60),
+          flush=True)
 
 
 def bench_cpu(args: argparse.Namespace) -> None:
@@ -321,6 +337,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=180.0,
                         help="start no new configuration after this many seconds (keeps the run under 4 minutes)")
     parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end training step")
+    parser.add_argument("--e2e-only", action="store_true", help="GPU: only the end-to-end training step")
+    parser.add_argument("--profile", action="store_true", help="print a profile of each end-to-end step")
     args = parser.parse_args()
     args.seqs = [int(s) for s in args.seqs.split(",") if s]
     device = "cpu" if args.cpu else args.device
@@ -336,10 +354,12 @@ def main() -> None:
         print(f"gpu: {torch.cuda.get_device_name()}", flush=True)
         # 8k first (the goal's length), then the end-to-end step, then the other lengths while time remains.
         first = [s for s in args.seqs if s == 8192] or args.seqs[:1]
-        bench_gpu_attention(args, first, variants=True, budget_s=0.5 * args.budget_s)
+        if not args.e2e_only:
+            bench_gpu_attention(args, first, variants=True, budget_s=0.5 * args.budget_s)
         if not args.skip_e2e:
             bench_end_to_end(args, device, budget_s=0.75 * args.budget_s)
-        bench_gpu_attention(args, [s for s in args.seqs if s not in first], variants=False, budget_s=args.budget_s)
+        if not args.e2e_only:
+            bench_gpu_attention(args, [s for s in args.seqs if s not in first], variants=False, budget_s=args.budget_s)
     else:
         bench_cpu(args)
         if not args.skip_e2e and args.quick:

@@ -33,11 +33,18 @@ from typing import Any
 
 import torch
 
-ROWS = ("baseline", "+aga", "+lclr", "+sas", "+amp", "all")
+ROWS = ("baseline", "+aga", "+lclr", "+sas", "+sas-local", "+amp", "all")
 ROW_SETTINGS = {  # (aga, lclr, passes)
     "baseline": (False, False, ()), "+aga": (True, False, ()), "+lclr": (False, True, ()),
-    "+sas": (False, False, ("sas",)), "+amp": (False, False, ("amp",)), "all": (True, True, ("sas", "amp")),
+    "+sas": (False, False, ("sas",)), "+sas-local": (False, False, ("sas",)), "+amp": (False, False, ("amp",)),
+    "all": (True, True, ("sas", "amp")),
 }
+# Options a row forces over --set: "+sas-local" is "+sas" with the fixed local pattern at the same density,
+# the quality reference for the importance pattern (issue #5).
+ROW_OPTIONS = {"+sas-local": {"sas": {"pattern": "local", "warmup": 0}}}
+# Quality rows train exactly the baseline's steps (same tokens: no AGA) instead of stopping at the target, so
+# their final validation loss compares with the baseline's at equal data (issue #5's quality check).
+QUALITY_ROWS = ("+sas", "+sas-local")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,15 +74,24 @@ def setup(args: argparse.Namespace) -> dict[str, Any]:
                 betas=(0.9, 0.99), time_limit=args.time_limit or 210.0)
 
 
-def build(passes: tuple[str, ...], settings: dict[str, Any], device: torch.device) -> Any:
-    """Compile the benchmark GPT (same seed → same initial weights) with ``passes`` on ``device``."""
+def build(passes: tuple[str, ...], settings: dict[str, Any], device: torch.device,
+          overrides: dict[str, dict[str, Any]] | None = None, corpus: Any = None) -> Any:
+    """Compile the benchmark GPT (same seed → same initial weights) with ``passes`` on ``device``; ``overrides``
+    replace single pass options (``{"sas": {"pattern": "local"}}``). With ``corpus``, the example inputs are
+    8 sequences of its training text (what ``sas``'s importance pattern calibrates on), else random bytes."""
     import effcompile
+    from effcompile.data import Batches
     from effcompile.train import small_gpt_spec
 
     spec = small_gpt_spec(**settings["model"], batch=2)
     spec.module.to(device)
+    if corpus is not None:
+        text = Batches(corpus.train, 8, settings["model"]["seq"], seed=12345).batch(0)
+        spec.kwargs = {"input_ids": text, "labels": text.clone()}
     spec.kwargs = {k: v.to(device) for k, v in spec.kwargs.items()}
-    options = {name: values for name, values in settings["pass_options"].items() if name in passes}
+    options = {name: dict(values) for name, values in settings["pass_options"].items() if name in passes}
+    for name, values in (overrides or {}).items():
+        options.setdefault(name, {}).update(values)
     return effcompile.compile(spec, passes=list(passes), options=options, verify=False, measure=False)
 
 
@@ -104,20 +120,22 @@ def run_row(name: str, settings: dict[str, Any], corpus: Any, device: torch.devi
         if problem:
             return {"row": name, "status": f"pass not available: {problem}"}
     started = time.perf_counter()
-    result = build(passes, settings, device)
+    result = build(passes, settings, device, ROW_OPTIONS.get(name), corpus)
     compile_s = time.perf_counter() - started
     budget = settings["budget"]
-    cap = budget if baseline_steps is None else 1.5 * budget
+    quality = name in QUALITY_ROWS and baseline_steps is not None
+    cap = budget if baseline_steps is None else (3.0 if quality else 1.5) * budget
     cap = min(cap, seconds_left - compile_s - 5.0)
     if cap < 2.0:
         return {"row": name, "status": "skipped: the benchmark's time limit is spent"}
     first = baseline_steps is None
-    steps = 10**6  # rows end at the target or at their time cap
+    steps = baseline_steps if quality else 10**6  # rows end at the target or at their time cap
     config = TrainConfig(steps=steps, batch=settings["batch"], seq=settings["model"]["seq"], lr=settings["lr"],
                          optimizer="adamw", warmup=settings["warmup"], schedule="constant", lclr=lclr,
                          accum=settings["aga_start"] if aga else settings["accum"], aga=aga, max_accum=settings["max_accum"],
                          eval_every=settings["eval_every"], eval_batches=settings["eval_batches"],
-                         betas=settings["betas"], target_loss=None if first else target, max_train_seconds=cap)
+                         betas=settings["betas"], target_loss=None if first or quality else target,
+                         max_train_seconds=cap)
     if lclr and baseline_steps:
         # Cosine period T: the baseline's token count, in steps of this row's starting N (a run that has not
         # arrived by T goes on at LR 0).
@@ -134,6 +152,11 @@ def run_row(name: str, settings: dict[str, Any], corpus: Any, device: torch.devi
            "tokens_per_s": trained.tokens / max(trained.train_seconds, 1e-9),
            "mean_accum": sum(h["accum"] for h in history) / max(len(history), 1),
            "peak_mem_gib": max((h.get("peak_mem_bytes", 0) for h in history), default=0) / 2**30}
+    if quality:
+        row["equal_steps"] = True
+    if "sas" in passes:  # the kept share of the causal tiles, to compare patterns at equal density
+        record = result.report.record("sas")
+        row["sas"] = {"summary": record.details.get("summary"), "density": record.stats.get("density")}
     return row
 
 
@@ -172,7 +195,10 @@ def print_row(row: dict[str, Any]) -> None:
         if "speedup_vs_baseline" in row else ""
     same_tokens = row.get("val_at_baseline_tokens")
     same = "" if same_tokens is None else f" | val {same_tokens:.4f} at the baseline's tokens"
-    print(f"{row['row']:>9} | to {row['target']:.4f}: {hit}{ratio}{same} | final val {row['final_val_loss']:.4f} after "
+    sas = f" | sas {row['sas']['density']:.1%} of tiles" if row.get("sas") else ""
+    if "val_vs_baseline" in row:
+        sas += f", val {100 * row['val_vs_baseline']:+.1f}% vs baseline at equal steps"
+    print(f"{row['row']:>9}{sas} | to {row['target']:.4f}: {hit}{ratio}{same} | final val {row['final_val_loss']:.4f} after "
           f"{row['steps']} steps, {row['train_s']:.1f} s, {row['tokens_per_s']:,.0f} tok/s, mean N {row['mean_accum']:.2f}"
           f"{', peak {:.2f} GiB'.format(row['peak_mem_gib']) if row['peak_mem_gib'] else ''}", flush=True)
 
@@ -235,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             baseline_tokens = hit["tokens"] if hit else None
         if row["status"] == "ok" and target is not None:
             fill_target(row, target, baseline_s, baseline_tokens)
+        if row.get("equal_steps") and rows and rows[0]["row"] == "baseline" and rows[0]["status"] == "ok":
+            reference = rows[0]["final_val_loss"]
+            row["val_vs_baseline"] = round(row["final_val_loss"] / reference - 1, 4)
         print_row(row)
         rows.append(row)
         if args.out:  # after every row, so that a run cut short still leaves its rows
