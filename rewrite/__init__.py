@@ -5,6 +5,7 @@ The road: model spec → capture → Program → PassManager → verify → emit
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,7 +78,10 @@ def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, pass
     program = capture(spec, capture_path, dynamic_batch)
     result = PassManager(resolved, verify=verify, measure=measure, max_error=max_error).run(program)
     report = Report(model=_model_summary(result.program, program, result.analysis_before), records=result.records)
-    return CompileResult(result.program.gm, result.program, report)
+    final = result.program
+    del program, result
+    gc.collect()  # the captured program (its own parameter copies) sits in GraphModule reference cycles
+    return CompileResult(final.gm, final, report)
 
 
 def _model_summary(final: Program, captured: Program, analysis: Analysis | None) -> dict[str, Any]:

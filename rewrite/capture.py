@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import logging
 import traceback
@@ -66,6 +67,8 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
                       {"fallback_reason": failures[0] if failures else None})
     if canonical:
         program.meta["causal_sdpa"] = causal_sdpa(program)
+    del module
+    gc.collect()  # export leaves the deep copy's tensors in reference cycles: free them now, not at some later gc
     return program
 
 

@@ -4,6 +4,7 @@ passes in order, verifying each against its input."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib
 import logging
 import pkgutil
@@ -223,6 +224,7 @@ class PassManager:
             records.append(record)
             if record.changed:
                 current, before = candidate, after
+        gc.collect()  # verification and analysis leave tensors in reference cycles (interpreters, autograd graphs)
         return RunResult(current, records, first, before)
 
 

@@ -96,6 +96,7 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, ste
             warmup: int) -> dict[str, Any]:
     """Train ``model`` for ``warmup`` + ``steps`` AdamW steps under autocast bf16; return ms/step (mean of
     the timed steps), peak allocated GiB over the timed steps, trainable parameters and the first loss."""
+    gc.collect()  # what building the configuration dropped (GraphModules sit in reference cycles) must not count
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     losses: list[float] = []

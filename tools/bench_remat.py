@@ -173,6 +173,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
         resident = torch.cuda.memory_allocated() if device == "cuda" else 0
         try:
             model, details = make()
+            gc.collect()  # what building the configuration dropped (GraphModules sit in reference cycles)
             previous = torch._functorch.config.activation_memory_budget
             if memory_budget is not None:
                 torch._functorch.config.activation_memory_budget = memory_budget
