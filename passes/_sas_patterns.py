@@ -13,7 +13,7 @@ Fixed patterns (sizes in tokens, rounded up to whole tiles):
   4. ``global``: the first ``n_global`` tokens attend everywhere and are attended by every query, on top of
      the local window (Longformer / BigBird).
   5. ``mixed``: a pattern per head, cycling through a list (default: half local, half strided).
-Learned pattern: ``select_important_tiles`` keeps, per head, the highest-scoring tiles up to a density.
+Learned pattern: ``select_important_tiles`` keeps, per head, the highest-scoring tiles up to a density, with\nthe same guaranteed number of tiles in every query-block row.
 """
 
 from __future__ import annotations
@@ -81,9 +81,25 @@ def head_patterns(heads: int, pattern: str, per_head: tuple[str, ...]) -> list[s
     return ["local" if h < (heads + 1) // 2 else "strided" for h in range(heads)]
 
 
+def row_quotas(candidates: torch.Tensor, target: int) -> torch.Tensor:
+    """Tiles each query-block row is guaranteed: the same number ``k`` for every row (a row with fewer
+    candidates keeps them all), the largest ``k`` whose total stays within ``target``.
+
+    ``candidates``: bool ``[query_blocks, key_blocks]``. Returns int64 ``[query_blocks]``."""
+    counts = candidates.sum(-1)
+    best = torch.ones_like(counts).minimum(counts)
+    for level in range(1, int(counts.max()) + 1 if counts.numel() else 1):
+        quota = counts.clamp(max=level)
+        if int(quota.sum()) > target:
+            break
+        best = quota
+    return best
+
+
 def select_important_tiles(scores: torch.Tensor, causal: bool, density: float) -> torch.Tensor:
-    """Per head, keep the diagonal tiles and then the highest-scoring candidate tiles until
-    ``round(density × candidate tiles)`` are kept (exactly, unless the diagonal alone is more).
+    """Per head, keep ``round(density × candidate tiles)`` tiles (exactly, unless the diagonal alone is more):
+    the diagonal, then each query-block row's best tiles up to a common per-row quota (``row_quotas``: every
+    query keeps context, as top-k-per-query-block selection does), then the best remaining tiles of the head.
 
     ``scores``: ``[heads, query_blocks, key_blocks]`` importance (e.g. Σ|A|·|∂L/∂A| over each tile).
     Returns the bool tile mask of the same shape. Ties break towards the lower flat index.
@@ -92,14 +108,20 @@ def select_important_tiles(scores: torch.Tensor, causal: bool, density: float) -
     candidates = candidate_tiles(query_blocks, key_blocks, causal)
     diagonal = diagonal_tiles(query_blocks, key_blocks) & candidates
     target = max(int(diagonal.sum()), round(density * int(candidates.sum())))
-    keep = torch.zeros(heads, query_blocks, key_blocks, dtype=torch.bool)
+    quotas = row_quotas(candidates, target).maximum(diagonal.sum(-1))
     order_key = scores.detach().double().cpu().clone()
     order_key[:, ~candidates] = -math.inf
     order_key[:, diagonal] = math.inf
-    flat = order_key.reshape(heads, -1)
     # A stable descending sort: equal scores keep their index order, so the choice is reproducible.
-    chosen = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :target]
-    keep.view(heads, -1).scatter_(1, chosen, True)
+    ranked = torch.sort(order_key, dim=-1, descending=True, stable=True).indices  # per row, best first
+    rank = torch.empty_like(ranked)
+    rank.scatter_(-1, ranked, torch.arange(key_blocks).expand_as(ranked).contiguous())
+    keep = (rank < quotas[None, :, None]) & candidates
+    extra = target - int(keep[0].sum())
+    if extra > 0:
+        rest = order_key.masked_fill(keep, -math.inf).reshape(heads, -1)
+        chosen = torch.sort(rest, dim=1, descending=True, stable=True).indices[:, :extra]
+        keep.view(heads, -1).scatter_(1, chosen, True)
     return keep
 
 

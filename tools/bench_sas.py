@@ -244,13 +244,16 @@ def bench_end_to_end(args: argparse.Namespace, device: str, budget_s: float) -> 
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
     results: dict[str, float] = {}
-    configs: list[tuple[str, dict[str, Any] | None]] = [
-        ("dense", None),
-        ("sas block 25%", {"pattern": "block", "block_size": block_size, "block": seq // 4, "backend": "auto"}),
+    block_options = {"pattern": "block", "block_size": block_size, "block": seq // 4, "backend": "auto"}
+    configs: list[tuple[str, dict[str, Any] | None, bool]] = [
+        ("dense", None, False),
+        ("sas block 25%", block_options, False),
         ("sas local 25%", {"pattern": "local", "block_size": block_size, "backend": "auto",
-                           "window": local_window(math.ceil(seq / block_size), 0.25, block_size)}),
+                           "window": local_window(math.ceil(seq / block_size), 0.25, block_size)}, False),
     ]
-    for name, options in configs:
+    if args.compile_e2e:  # torch.compile removes eager's launch overhead and fuses what is not attention
+        configs += [("dense compiled", None, True), ("sas block 25% compiled", block_options, True)]
+    for name, options, compiled in configs:
         if over_budget(budget_s):
             emit({"section": "end-to-end", "config": name, "skipped": "time budget"})
             continue
@@ -263,15 +266,18 @@ def bench_end_to_end(args: argparse.Namespace, device: str, budget_s: float) -> 
                 module = result.module
                 density = result.report.records[0].stats.get("density")
             optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device == "cuda")
-
-            step = functools.partial(_train_step, module, optimizer, loss_fn, idx, device)
-            results[name] = timed(step, device, 2 if args.quick else 3, 3 if args.quick else 5)
+            runner = torch.compile(module) if compiled else module
+            step = functools.partial(_train_step, runner, optimizer, loss_fn, idx, device)
+            results[name] = timed(step, device, (2 if args.quick else 3) + (2 if compiled else 0),
+                                  3 if args.quick else 5)
             if args.profile:
                 profile_step(step, device, name)
             row: dict[str, Any] = {"section": "end-to-end", "config": name, "layers": layers, "width": width,
                                    "seq": seq, "batch": batch, "ms_per_step": results[name]}
+            reference = "dense compiled" if compiled else "dense"
             if options is not None:
-                row.update(density=density, speedup=results["dense"] / results[name] if "dense" in results else None)
+                row.update(density=density, speedup=results[reference] / results[name] if reference in results
+                           else None)
             emit(row)
         except Exception as error:
             emit({"section": "end-to-end", "config": name,
@@ -339,6 +345,7 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end training step")
     parser.add_argument("--e2e-only", action="store_true", help="GPU: only the end-to-end training step")
     parser.add_argument("--profile", action="store_true", help="print a profile of each end-to-end step")
+    parser.add_argument("--compile-e2e", action="store_true", help="also the end-to-end step under torch.compile")
     args = parser.parse_args()
     args.seqs = [int(s) for s in args.seqs.split(",") if s]
     device = "cpu" if args.cpu else args.device

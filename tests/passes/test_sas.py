@@ -21,6 +21,7 @@ from effcompile.passes._sas_patterns import (
     candidate_tiles,
     diagonal_tiles,
     fixed_pattern,
+    row_quotas,
     select_important_tiles,
 )
 from effcompile.passes.sas import StructuredAttentionSparsity
@@ -164,7 +165,9 @@ def test_fixed_patterns_keep_diagonal_and_causality():
 @given(heads=st.integers(1, 3), blocks=st.integers(2, 9), density=st.floats(0.05, 1.0), causal=st.booleans(),
        seed=st.integers(0, 100))
 def test_importance_selection_keeps_exact_density(heads, blocks, density, causal, seed):
-    """Per head: the diagonal, then the top-scoring candidates, exactly round(density × candidates) tiles."""
+    """Per head: exactly round(density × candidates) tiles, the diagonal included; every row keeps at least the
+    common quota (all its candidates if it has fewer), each row keeps its best tiles, and the tiles beyond
+    the quotas are the best of the rest."""
     scores = torch.rand(heads, blocks, blocks, generator=torch.Generator().manual_seed(seed))
     tiles = select_important_tiles(scores, causal, density)
     candidates = candidate_tiles(blocks, blocks, causal)
@@ -172,12 +175,17 @@ def test_importance_selection_keeps_exact_density(heads, blocks, density, causal
     assert tiles.sum((1, 2)).tolist() == [target] * heads
     assert tiles.diagonal(dim1=1, dim2=2).all()
     assert not (tiles & ~candidates).any()
+    quotas = row_quotas(candidates, target)
+    assert (quotas >= 1).all() and int(quotas.sum()) <= target
+    assert int(candidates.sum(-1).clamp(max=int(quotas.max()) + 1).sum()) > target or quotas.max() == blocks
+    off_diagonal = candidates & ~diagonal_tiles(blocks, blocks)
     for head in range(heads):
-        off_diagonal = candidates & ~diagonal_tiles(blocks, blocks)
-        kept = scores[head][tiles[head] & off_diagonal]
-        dropped = scores[head][~tiles[head] & off_diagonal]
-        if kept.numel() and dropped.numel():
-            assert kept.min() >= dropped.max()
+        assert (tiles[head].sum(-1) >= quotas).all()
+        for row in range(blocks):
+            kept = scores[head, row][tiles[head, row] & off_diagonal[row]]
+            dropped = scores[head, row][~tiles[head, row] & off_diagonal[row]]
+            if kept.numel() and dropped.numel():
+                assert kept.min() >= dropped.max()
 
 
 @pytest.mark.parametrize("name, sites, mask", [
