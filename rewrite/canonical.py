@@ -13,7 +13,13 @@ both, exactly:
 2. The call then gets ``is_causal=True`` and no mask; when its key and value are ``repeat_kv``'s
    ``reshape(expand(unsqueeze(x, 2)))`` it also takes the un-repeated ``x`` with ``enable_gqa=True``.
 
-It runs at capture on graphs from ``torch.export``, whose sequence length is static, so "equals the causal
+3. ``uncast_outputs``: a graph output that is a dtype conversion which did nothing at capture
+   (``logits.float()`` on float32 logits: the model returned the same tensor it upcast for its loss, as
+   every Hugging Face LM does) returns the unconverted tensor, as eager mode does. Otherwise, run in low
+   precision (autocast, ``amp``), the graph would return — and ``torch.compile`` would keep — the float32
+   upcast of the logits instead of the model's low-precision ones.
+
+They run at capture on graphs from ``torch.export``, whose sequence length is static, so "equals the causal
 mask on the example" holds for every input the graph accepts. A symbolically traced graph is
 shape-generic (a sliding-window mask is lower-triangular only up to its window), so capture leaves those
 alone; the ``amp`` pass, which evaluates the whole graph anyway, applies step 1 to them.
@@ -112,6 +118,36 @@ def evaluate_nodes(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node], inp
             elif node in needed:
                 interpreter.env[node] = interpreter.run_node(node)
     return {node: interpreter.env.get(node) for node in wanted}
+
+
+_CONVERSIONS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+
+
+def uncast_outputs(gm: torch.fx.GraphModule) -> int:
+    """Return, in place of each graph output that is a dtype conversion which was a no-op at capture (its
+    input already had that dtype, per export's ``meta["val"]``), the conversion's input. Exact at the capture
+    dtype. Returns how many outputs changed."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    changed = 0
+
+    def replace(node: Any) -> Any:
+        nonlocal changed
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _CONVERSIONS):
+            return node
+        source = node.args[0]
+        value, before = node.meta.get("val"), getattr(source, "meta", {}).get("val")
+        if not (isinstance(value, torch.Tensor) and isinstance(before, torch.Tensor)):
+            return node
+        if value.dtype != before.dtype or value.device != before.device or value.shape != before.shape:
+            return node
+        changed += 1
+        return source
+
+    output.args = (torch.fx.node.map_arg(output.args[0], replace),)
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return changed
 
 
 def causal_sdpa(program: Any, gqa: bool = True) -> int:

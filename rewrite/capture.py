@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .canonical import causal_sdpa
+from .canonical import causal_sdpa, uncast_outputs
 from .errors import CaptureError
 from .program import Program
 from .spec import ModelSpec
@@ -34,7 +34,8 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     export takes about twice as long); False pins the example's shapes. Symbolic tracing is always
     shape-generic. ``canonical``: on exported graphs, give SDPA calls whose mask is the materialised causal
     mask ``is_causal=True`` (and ``enable_gqa`` instead of ``repeat_kv`` copies), as eager mode calls it
-    (exact; see ``effcompile.canonical``); the count is ``program.meta["causal_sdpa"]``. Raises
+    and return outputs a no-op upcast had aliased (``logits.float()``) unconverted (exact; see
+    ``effcompile.canonical``); the counts are ``program.meta["causal_sdpa"]`` / ``["uncast_outputs"]``. Raises
     CaptureError naming the op or source line neither path could follow.
     """
     if path not in CAPTURE_PATHS:
@@ -67,6 +68,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
                       {"fallback_reason": failures[0] if failures else None})
     if canonical:
         program.meta["causal_sdpa"] = causal_sdpa(program)
+        program.meta["uncast_outputs"] = uncast_outputs(program.gm)
     del module
     gc.collect()  # export leaves the deep copy's tensors in reference cycles: free them now, not at some later gc
     return program

@@ -115,3 +115,44 @@ def test_static_batch_capture_equals_the_model():
     torch.manual_seed(0)
     expected = spec.module(**spec.kwargs)
     torch.testing.assert_close(program.run().logits, expected.logits)
+
+
+@pytest.mark.parametrize("arch, gqa", [("gpt2", False), ("llama", True), ("bert", False)])
+def test_capture_gives_sdpa_its_eager_arguments(arch, gqa):
+    """Export materialises Hugging Face's causal mask and repeat_kv copies; capture gives SDPA is_causal=True
+    (and enable_gqa on the un-repeated key/value where the model groups heads) back, exactly. BERT's
+    padding mask is not causal and stays."""
+    from effcompile.patterns import find_attention
+
+    spec = tiny_spec(arch, num_key_value_heads=2) if arch == "llama" else tiny_spec(arch)
+    program = capture(spec)
+    plain = capture(spec, canonical=False)
+    sites = find_attention(program.gm)
+    assert sites and all(s.kind == "sdpa" for s in sites)
+    causal = arch != "bert"
+    assert program.meta["causal_sdpa"] == (len(sites) if causal else 0)
+    assert all(s.is_causal == causal and (s.attn_mask is None) == causal for s in sites)
+    assert all(bool(s.node.kwargs.get("enable_gqa")) == gqa for s in sites)
+    torch.manual_seed(0)
+    expected = plain.objective(plain.run())
+    expected.backward()
+    torch.manual_seed(0)
+    got = program.objective(program.run())
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(program.gm.named_parameters(), plain.gm.named_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_capture_returns_logits_before_the_loss_upcast():
+    """HF returns the lm_head logits and upcasts a copy for its loss; at float32 capture the upcast was a
+    no-op, so export returned its result. Capture returns the logits themselves: under low precision the
+    graph then returns low-precision logits (as eager autocast does) and torch.compile keeps no float32 copy."""
+    program = capture(tiny_spec("gpt2"))
+    assert program.meta["uncast_outputs"] == 1
+    output = next(n for n in program.gm.graph.nodes if n.op == "output")
+    logits = output.args[0][1]
+    assert logits.target is torch.ops.aten.linear.default
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = program.run()
+    assert result["logits"].dtype == torch.bfloat16 and result["loss"].dtype == torch.float32
