@@ -159,7 +159,9 @@ def make_ours(passes: list[str], extra: dict[str, Any], causal: bool = True
         program = PassManager(resolve_passes(["lora"], {"lora": lora}), verify=False, measure=False).run(program).program
         for name in passes:
             if name != "lora":
-                options = {"remat": {"budget": REMAT_BUDGET}} if name == "remat" else {}
+                # plan for what bf16 autocast training saves (the rows run under autocast on CUDA)
+                remat = {"budget": REMAT_BUDGET, **({"autocast": "bfloat16"} if device.type == "cuda" else {})}
+                options = {"remat": remat} if name == "remat" else {}
                 manager = PassManager(resolve_passes([name], options), verify=False, measure=False)
                 program = manager.run(program).program
         return program.gm
