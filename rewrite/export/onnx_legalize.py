@@ -71,7 +71,8 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     turned into ``Split``."""
     stats = {"ir_version_lowered": 0, "opset_converted": 0, "split_from_sequence": 0, "castlike_to_cast": 0,
              "gradient_outputs_named": 0, "neg_inf_constants": 0, "low_precision_ops_in_float32": 0,
-             "tanh_gelu_as_sigmoid": 0, "nan_guards_dropped": 0, "cross_entropy_split": 0}
+             "tanh_gelu_as_sigmoid": 0, "nan_guards_dropped": 0, "cross_entropy_split": 0,
+             "layer_norm_bias_added": 0}
     if _default_opset(model) > MAX_OPSET:
         converted = onnx.version_converter.convert_version(model, MAX_OPSET)
         model.CopyFrom(converted)
@@ -79,6 +80,8 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     _infer_types(model)
     stats["split_from_sequence"] = _sequences_to_split(model)
     stats["castlike_to_cast"] = _castlike_to_cast(model)
+    if not inference:
+        stats["layer_norm_bias_added"] = _layer_norm_bias(model)
     if speed_rewrites:
         stats["tanh_gelu_as_sigmoid"] = _tanh_gelu_as_sigmoid(model)
         stats["cross_entropy_split"] = _split_cross_entropy(model)
@@ -229,6 +232,58 @@ def _castlike_to_cast(model: onnx.ModelProto) -> int:
         node.op_type = "Cast"
         node.attribute.append(onnx.helper.make_attribute("to", to))
         count += 1
+    return count
+
+
+def _layer_norm_bias(model: onnx.ModelProto) -> int:
+    """Give each ``LayerNormalization`` without affine parameters (``F.layer_norm(x, shape)``, as OLMo's norm)
+    constant initializers: the exporter builds its scale as ``Expand(Constant 1, Shape(x))`` and passes no
+    bias, and ONNX Runtime 1.19's gradient builder fails on both (it reads a bias input; it defines the
+    expanded scale's gradient twice). The scale becomes ``full(shape, c)`` and the bias zeros, both of the
+    scale's static shape and type; the dead ``Expand`` chain is dropped. Exact. Returns how many nodes
+    changed (a scale of unknown shape is left alone)."""
+    types = _value_types(model)
+    constants = _constants(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    count = 0
+    dead: set[int] = set()
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization" or len(node.input) < 2:
+            continue
+        scale_type = types.get(node.input[1])
+        if scale_type is None or not scale_type.HasField("tensor_type"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in scale_type.tensor_type.shape.dim]
+        if not dims or None in dims:
+            continue
+        elem = scale_type.tensor_type.elem_type or onnx.TensorProto.FLOAT
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        stem = f"{node.name or 'layer_norm'}__{count}"
+        expand = producer.get(node.input[1])
+        changed = False
+        if expand is not None and expand.op_type == "Expand" and users.get(node.input[1]) == 1 and \
+                expand.input[0] in constants and constants[expand.input[0]].size == 1:
+            value = float(constants[expand.input[0]].reshape(()))
+            model.graph.initializer.append(numpy_helper.from_array(np.full(dims, value, dtype=dtype), f"{stem}_scale"))
+            node.input[1] = f"{stem}_scale"
+            dead.add(id(expand))
+            changed = True
+        if len(node.input) < 3 or not node.input[2]:
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros(dims, dtype=dtype), f"{stem}_bias"))
+            if len(node.input) < 3:
+                node.input.append(f"{stem}_bias")
+            else:
+                node.input[2] = f"{stem}_bias"
+            changed = True
+        count += changed
+    if dead:
+        kept = [n for n in model.graph.node if id(n) not in dead]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
     return count
 
 

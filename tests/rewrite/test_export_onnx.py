@@ -291,16 +291,20 @@ def test_after_remat_training_matches(tmp_path):
     _assert_same_curve(ort_losses, _torch_losses(program, 10))
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["mistral", "gpt_neox", "olmo"])
 def test_other_architectures_export_and_train(model_type, tmp_path):
-    """Architectures the passes are not tuned on still export and train in ORT (loss falls)."""
+    """Architectures the passes are not tuned on still export and train in ORT (loss falls); OLMo's
+    parameter-free LayerNorm needs constant scale/bias initializers for ORT's gradient builder."""
     from effcompile.spec import load_hf_spec
 
     from conftest import generic_tiny_overrides
 
     spec = load_hf_spec(model_type, generic_tiny_overrides(model_type), batch=2, seq=16)
     result = effcompile.compile(spec, passes=[], measure=False, verify=False)
-    export_training_artifacts(result.program, tmp_path, lr=1e-3)
+    export_training_artifacts(result.program, tmp_path, **OPTIMIZER)
     trainer = OrtTrainer(tmp_path)
     losses = [trainer.step(dict(spec.kwargs)) for _ in range(4)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    if model_type == "olmo":
+        assert trainer.manifest["legalisation"]["layer_norm_bias_added"] > 0
+        _assert_same_curve(losses, _torch_losses(result.program, 4))
