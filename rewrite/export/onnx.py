@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -105,12 +106,33 @@ def export_training_artifacts(program: Program, folder: str | Path, lr: float = 
     kernels run faster, drop attention's NaN guard (exact up to float32 round-off). Returns the file paths by kind.
     Raises ExportError naming the ops without an ORT gradient and the parameters that cannot be trained.
     """
+    folder = Path(folder)
+    with _removed_on_failure(folder):
+        return _export_training_artifacts(program, folder, lr, weight_decay, betas, eps, loss, opset,
+                                          low_precision_in_float32, speed_rewrites)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path) -> Any:
+    """Create ``folder`` if missing; if the block fails and the folder was new, remove it (no partial output;
+    a folder that existed before is left as it was found, less what the failed export wrote into it)."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _export_training_artifacts(program: Program, folder: Path, lr: float, weight_decay: float,
+                               betas: tuple[float, float], eps: float, loss: str, opset: int,
+                               low_precision_in_float32: bool | None, speed_rewrites: bool) -> dict[str, str]:
     import onnxruntime
     from onnxruntime.training import artifacts
 
     onnxruntime.set_default_logger_severity(3)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     inference = _keep_inference_model(folder)
     loss_kind = _choose_loss(program, loss)
     model, info, names = _export(program, {"model": "train", "cross_entropy": "logits2d"}.get(loss_kind, "logits"),
@@ -167,7 +189,11 @@ def export_eval_model(program: Program, folder: str | Path, opset: int = EXPORT_
     order of the output's pytree leaves) to ``folder/filename`` with every parameter an initializer.
     Returns its path. Raises ExportError when the exporter fails."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with _removed_on_failure(folder):
+        return _export_eval_model(program, folder, opset, filename)
+
+
+def _export_eval_model(program: Program, folder: Path, opset: int, filename: str) -> str:
     if filename == "eval_model.onnx" and (folder / "training_model.onnx").exists():
         filename = INFERENCE_BESIDE_ARTIFACTS  # the artifacts' eval_model.onnx (the loss) stays theirs
     model, info, _ = _export(program, "eval", opset)
@@ -262,6 +288,24 @@ def _repeat_heads(tensor: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return tensor[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(batch, kv_heads * groups, length, dim)
 
 
+_COMPLEX_OPS = {"view_as_complex", "view_as_real", "polar", "complex"}
+
+
+def _refuse_complex(program: Program) -> None:
+    """Raise ExportError naming the first op on complex numbers (ONNX has no complex tensors), e.g. Llama 4's
+    rotary embedding, rather than the exporter's generic conversion failure."""
+    for node in program.gm.graph.nodes:
+        target = node.target
+        name = target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", "")
+        if node.op == "call_function" and name in _COMPLEX_OPS:
+            from ..graph import module_path
+
+            where = module_path(node) or node.name
+            raise ExportError(f"onnx export: {name} at {where} computes with complex numbers, which ONNX cannot "
+                              "represent; rewrite that code with real tensors (e.g. rotary embeddings as cos/sin "
+                              "products) before exporting")
+
+
 def _without_gqa(program: Program) -> Program:
     """``program`` with every ``enable_gqa=True`` SDPA call fed explicitly repeated key/value heads instead
     (the form capture canonicalises away, see ``effcompile.canonical``): ORT training cannot differentiate
@@ -288,6 +332,7 @@ def _without_gqa(program: Program) -> Program:
 def _export(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onnx.ModelProto, ExportInfo, dict[str, str]]:
     """Export the wrapped program; returns the ONNX model, its ExportInfo and initializer→module names."""
     program = _without_gqa(program)
+    _refuse_complex(program)
     wrapper = _Wrapper(program, mode)
     wrapper.train(program.gm.training)
     flat = tuple(program.flat_inputs())

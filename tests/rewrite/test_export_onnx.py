@@ -308,3 +308,22 @@ def test_other_architectures_export_and_train(model_type, tmp_path):
     if model_type == "olmo":
         assert trainer.manifest["legalisation"]["layer_norm_bias_added"] > 0
         _assert_same_curve(losses, _torch_losses(result.program, 4))
+
+
+class _ComplexRotary(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = torch.view_as_complex(self.proj(x).reshape(*x.shape[:-1], 4, 2))
+        return torch.view_as_real(pairs * pairs).flatten(-2).sum()
+
+
+def test_complex_numbers_are_refused_by_name(tmp_path):
+    """ONNX has no complex tensors: the export names the op and where it is (as for Llama 4's rotary
+    embedding) instead of the exporter's generic failure, and writes nothing."""
+    result = effcompile.compile(_ComplexRotary(), (torch.randn(2, 3, 8),), measure=False, verify=False)
+    with pytest.raises(ExportError, match="view_as_complex .*complex numbers"):
+        export_training_artifacts(result.program, tmp_path / "artifacts")
+    assert not (tmp_path / "artifacts").exists()
