@@ -121,6 +121,7 @@ def step_memory(gm: torch.nn.Module, inputs: list[Any], autocast: bool, device: 
 
 
 def gpt2_program(quick: bool, device: str, passes: list[str]) -> Any:
+    """bench_amp's GPT-2 (medium shapes, or tiny with ``quick``) captured and rewritten by ``passes``."""
     from bench_amp import FULL, QUICK, build_model
 
     import effcompile
@@ -134,6 +135,7 @@ def gpt2_program(quick: bool, device: str, passes: list[str]) -> Any:
 
 
 def llama_program(quick: bool, device: str, passes: list[str]) -> Any:
+    """bench_lora's Llama (TinyLlama-1.1B shapes, or tiny with ``quick``) with ``passes`` (lora: bf16 base)."""
     import bench_lora
 
     shapes = bench_lora.QUICK if quick else bench_lora.FULL
@@ -155,6 +157,7 @@ CONFIGS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure each configuration in ``--configs`` and print its breakdown; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
