@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from effcompile.graph import op_name
+
 LOW_PRECISION_OPS = frozenset({
     "linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "addbmm", "addmv", "mv", "einsum", "chain_matmul",
     "multi_dot", "linalg_multi_dot", "conv1d", "conv2d", "conv3d", "convolution", "_convolution",
@@ -62,18 +64,6 @@ _MODULE_OPS = {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm", "GroupNorm": "g
 # A call_module whose module (class or instance) sets this attribute truthy takes low-precision inputs
 # and handles its own parameters (e.g. attention kernels installed by other passes).
 LOW_PRECISION_ATTRIBUTE = "low_precision_ok"
-
-
-def op_name(node: torch.fx.Node) -> str | None:
-    """The op a call_function/call_method node computes, by name (``aten.softmax.int`` → ``softmax``)."""
-    if node.op == "call_function":
-        target = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            return target.overloadpacket.__name__
-        return getattr(target, "__name__", None)
-    if node.op == "call_method":
-        return str(node.target)
-    return None
 
 
 def keep_fp32_names(keep_fp32: tuple[str, ...]) -> frozenset[str]:

@@ -13,7 +13,8 @@ Fixed patterns (sizes in tokens, rounded up to whole tiles):
   4. ``global``: the first ``n_global`` tokens attend everywhere and are attended by every query, on top of
      the local window (Longformer / BigBird).
   5. ``mixed``: a pattern per head, cycling through a list (default: half local, half strided).
-Learned pattern: ``select_important_tiles`` keeps, per head, the highest-scoring tiles up to a density, with\nthe same guaranteed number of tiles in every query-block row.
+Learned pattern: ``select_important_tiles`` keeps, per head, the highest-scoring tiles up to a density, with
+the same guaranteed number of tiles in every query-block row.
 """
 
 from __future__ import annotations

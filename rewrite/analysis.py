@@ -62,7 +62,8 @@ def _tensor_bytes(value: Any) -> int:
     return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[int, str]:
+def storage_key(tensor: torch.Tensor) -> tuple[int, str]:
+    """What identifies ``tensor``'s memory: (storage address, device); views of one storage share it."""
     return (tensor.untyped_storage().data_ptr(), str(tensor.device))
 
 
@@ -112,7 +113,7 @@ class _CostInterpreter(torch.fx.Interpreter):
             known.update(self.live_ids.get(source.name, {}))
 
         def identify(tensor: torch.Tensor) -> int | None:
-            key = _storage_key(tensor)
+            key = storage_key(tensor)
             if key in self.parameter_keys:
                 return None
             if key not in known:
@@ -123,7 +124,7 @@ class _CostInterpreter(torch.fx.Interpreter):
         outputs = {}
         for leaf in pytree.tree_leaves(result):
             if isinstance(leaf, torch.Tensor) and (index := identify(leaf)) is not None:
-                outputs[_storage_key(leaf)] = index
+                outputs[storage_key(leaf)] = index
         self.live_ids[node.name] = outputs
         cost.output_storages = tuple(dict.fromkeys(outputs.values()))
         saved = (identify(t) for t in self.packed)
@@ -133,7 +134,7 @@ class _CostInterpreter(torch.fx.Interpreter):
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.current is not None:
             self.packed.append(tensor)
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         if self.current is not None and key not in self.seen_storages:
             self.seen_storages.add(key)
             self.current.saved_bytes += tensor.untyped_storage().nbytes()
@@ -175,7 +176,7 @@ def _elements(value: Any) -> int:
 
 def parameter_storages(module: torch.nn.Module) -> set[tuple[int, str]]:
     """Storage keys of every parameter and buffer of ``module`` (never counted as activations)."""
-    return {_storage_key(t) for t in list(module.parameters()) + list(module.buffers())}
+    return {storage_key(t) for t in list(module.parameters()) + list(module.buffers())}
 
 
 def analyze(program: Program) -> Analysis:
@@ -201,7 +202,7 @@ def measure_saved_bytes(module: torch.nn.Module, program: Program) -> int:
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         if key not in seen:
             seen.add(key)
             total += tensor.untyped_storage().nbytes()

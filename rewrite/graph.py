@@ -23,6 +23,19 @@ def finalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+def op_name(node: torch.fx.Node) -> str | None:
+    """The op a call_function/call_method node computes, by name (``aten.softmax.int`` → ``softmax``,
+    ``torch.softmax`` / ``F.softmax`` → ``softmax``, ``x.softmax()`` → ``softmax``); None for other nodes."""
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return target.overloadpacket.__name__
+        return getattr(target, "__name__", None)
+    if node.op == "call_method":
+        return str(node.target)
+    return None
+
+
 def module_path(node: torch.fx.Node) -> str:
     """The dotted path of the innermost module ``node`` came from (``""`` for the root).
 

@@ -32,14 +32,13 @@ from typing import Any
 import torch
 import torch.fx
 
+from effcompile.analysis import parameter_storages, storage_key
+from effcompile.graph import op_name
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 GIB = 2**30
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[int, str]:
-    return tensor.untyped_storage().data_ptr(), str(tensor.device)
 
 
 class _Attributing(torch.fx.Interpreter):
@@ -56,9 +55,7 @@ def _op(node: torch.fx.Node | None) -> str:
     if node is None:
         return "<outside the graph>"
     if node.op == "call_function":
-        target = node.target
-        return target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else \
-            getattr(target, "__name__", str(target))
+        return op_name(node) or str(node.target)
     if node.op in ("call_method", "call_module"):
         return f"{node.op}:{node.target}"
     return node.op
@@ -67,7 +64,7 @@ def _op(node: torch.fx.Node | None) -> str:
 def saved_by_node(gm: torch.fx.GraphModule, inputs: list[Any], autocast: bool, device: str
                   ) -> dict[str, Any]:
     """Saved-for-backward bytes of one forward of ``gm``, by (op, dtype) and by node (parameters excluded)."""
-    parameters = {_storage_key(p) for p in gm.parameters()} | {_storage_key(b) for b in gm.buffers()}
+    parameters = parameter_storages(gm)
     seen: set[tuple[int, str]] = set()
     keep: list[torch.Tensor] = []
     by_op: dict[str, int] = defaultdict(int)
@@ -75,7 +72,7 @@ def saved_by_node(gm: torch.fx.GraphModule, inputs: list[Any], autocast: bool, d
     interpreter = _Attributing(gm)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         if key not in seen and key not in parameters:
             seen.add(key)
             size = tensor.untyped_storage().nbytes()

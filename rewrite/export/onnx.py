@@ -49,7 +49,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from ..graph import get_attr_value
+from ..graph import get_attr_value, module_path, op_name
 from ..program import Program, _loss_field
 from .onnx_legalize import (
     MAX_IR_VERSION,
@@ -295,11 +295,8 @@ def _refuse_complex(program: Program) -> None:
     """Raise ExportError naming the first op on complex numbers (ONNX has no complex tensors), e.g. Llama 4's
     rotary embedding, rather than the exporter's generic conversion failure."""
     for node in program.gm.graph.nodes:
-        target = node.target
-        name = target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", "")
+        name = op_name(node)
         if node.op == "call_function" and name in _COMPLEX_OPS:
-            from ..graph import module_path
-
             where = module_path(node) or node.name
             raise ExportError(f"onnx export: {name} at {where} computes with complex numbers, which ONNX cannot "
                               "represent; rewrite that code with real tensors (e.g. rotary embeddings as cos/sin "

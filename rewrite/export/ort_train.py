@@ -30,12 +30,10 @@ class OrtTrainer:
     and ``effcompile_onnx.json``. ``checkpoint``: a checkpoint file to start from instead (resuming).
     ``lr``: overrides the learning rate written at export. ``device``: ``"cpu"`` or ``"cuda"``.
     ``threads``: ONNX Runtime intra-op threads (default: its own choice, all cores).
-    ``profile``: a path prefix; ONNX Runtime then writes its per-node profile (``<prefix>_<time>.json``) when
-    the trainer is released.
     """
 
     def __init__(self, folder: str | Path, checkpoint: str | Path | None = None, lr: float | None = None,
-                 device: str = "cpu", threads: int | None = None, profile: str | Path | None = None) -> None:
+                 device: str = "cpu", threads: int | None = None) -> None:
         import onnxruntime
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
@@ -44,9 +42,6 @@ class OrtTrainer:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = int(threads)
-        if profile is not None:
-            options.enable_profiling = True
-            options.profile_file_prefix = str(profile)
 
         self.folder = Path(folder)
         manifest = self.folder / MANIFEST
