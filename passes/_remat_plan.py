@@ -121,12 +121,23 @@ def _attr(gm: torch.fx.GraphModule, target: str) -> object:
     return value
 
 
+def _is_weight_module(module: torch.nn.Module) -> bool:
+    """A module that multiplies by a weight matrix (a rewritten linear: ``LoraLinear``, a low-rank pair, a
+    user's projection module): it holds a parameter or buffer of two or more dimensions and is no lookup table."""
+    if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+        return False
+    tensors = [*module.parameters(), *module.buffers()]
+    return any(t.dim() >= 2 for t in tensors) and not any(
+        isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) for m in module.modules())
+
+
 def save_nodes(gm: torch.fx.GraphModule, classes: Iterable[str]) -> set[torch.fx.Node]:
     """Nodes of the ``save`` op classes: the boundaries of fine-grained segments."""
     classes = set(classes)
     chosen: set[torch.fx.Node] = set()
     if "matmul" in classes:
         chosen.update(site.node for site in find_linears(gm))
+        chosen.update(n for n in gm.graph.nodes if n.op == "call_module" and _is_weight_module(gm.get_submodule(str(n.target))))
         chosen.update(n for n in gm.graph.nodes if (n.op == "call_function" and n.target in MATMUL_TARGETS)
                       or (n.op == "call_method" and n.target in ("matmul", "bmm", "mm")))
     if "attention" in classes:

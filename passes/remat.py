@@ -28,7 +28,12 @@
    buffers and submodules stay in the parent (names unchanged) and enter as inputs; SymInt/int values
    cross the boundary as plain Python ints; segments holding dropout/random ops keep the RNG state so
    the recomputation draws the same numbers. Gradients are exact.
-5. A graph that already holds checkpointed segments, or a budget met without recomputation (e.g. 1.0),
+5. Loss head (option ``head``, default ``auto``: whenever the plan must save memory, and for ``blocks`` and
+   ``sqrt``): a linear + cross-entropy head becomes one chunked call (``_remat_head``) that keeps only a
+   per-row log-sum-exp and recomputes each chunk's logits in backward — the float32 logits, log-softmax and
+   logits gradient of a large vocabulary are never whole. The plan is then made on the rewritten graph
+   (budget in bytes of the original baseline). Exact to round-off; costs one more LM-head matmul.
+6. A graph that already holds checkpointed segments or a chunked head, or a budget met without recomputation (e.g. 1.0),
    is left unchanged (``changed=False``).
 
 Bytes are those of the program's example inputs on the device it was captured on (a ``2GiB`` budget
@@ -51,6 +56,7 @@ from effcompile.errors import OptionError, PassError
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program
 
+from ._remat_head import chunk_loss_heads, is_chunked_head
 from ._remat_plan import (
     SAVE_CLASSES,
     Candidate,
@@ -101,11 +107,19 @@ class Remat(Pass):
         autocast: Literal["off", "bfloat16", "float16"] = field(default="off", metadata={
             "help": "plan for training under torch.autocast with this dtype (what is saved differs: bf16 "
                     "matmul inputs, cached weight casts); off: as captured"})
+        head: Literal["auto", "chunked", "keep"] = field(default="auto", metadata={
+            "help": "the linear + cross-entropy loss head: chunked computes it in row chunks and recomputes each "
+                    "chunk's logits in backward (full logits' float32 loss state never held); auto: chunked "
+                    "whenever remat has memory to save; keep: as captured"})
+        head_rows: int = field(default=0, metadata={
+            "help": "rows per loss-head chunk (0: about 256 MiB of float32 logits per chunk)"})
         save: tuple[str, ...] = field(default=("matmul", "attention"), metadata={
             "help": "op classes fine-grained segments never recompute (comma-separated: matmul, attention, "
                     "norm; empty: none) — only whole-block segments recompute them"})
 
         def __post_init__(self) -> None:
+            if isinstance(self.head_rows, bool) or not isinstance(self.head_rows, int) or self.head_rows < 0:
+                raise OptionError(f"remat: head_rows {self.head_rows!r} must be a whole number ≥ 0 (0: automatic)")
             unknown = [c for c in self.save if c not in SAVE_CLASSES]
             if unknown:
                 raise OptionError(f"remat: save {', '.join(unknown)} unknown; choose from {', '.join(SAVE_CLASSES)}")
@@ -128,7 +142,7 @@ class Remat(Pass):
 
     def call(self, program: Program, config: Config) -> PassRecord:
         gm = program.gm
-        existing = [n for n in gm.graph.nodes if is_segment(gm, n)]
+        existing = [n for n in gm.graph.nodes if is_segment(gm, n) or is_chunked_head(n)]
         if existing:
             return PassRecord(self.name, changed=False, reason=f"graph already has {len(existing)} checkpointed "
                               "segments (remat ran before)", details={"summary": "already rematerialised"})
@@ -138,6 +152,14 @@ class Remat(Pass):
             return PassRecord(self.name, changed=False, reason="nothing is saved for backward (no trainable "
                               "parameters reached)", details={"summary": "nothing to recompute"})
         budget_bytes = self._budget_bytes(config, problem.baseline_bytes)
+        before = evaluate(problem, [])
+        heads: list[str] = []
+        wants_memory = config.policy != "budget" or budget_bytes < problem.baseline_bytes
+        if config.head == "chunked" or (config.head == "auto" and wants_memory):
+            heads = chunk_loss_heads(gm, config.head_rows)
+            if heads:  # plan on the graph with the chunked head (same budget in bytes)
+                analysis = self._analyze(program, config)
+                problem = build_problem(gm, analysis, config.cost)
         solver = config.policy
         if config.policy == "blocks":
             plan = blocks_plan(problem, analysis)
@@ -155,10 +177,9 @@ class Remat(Pass):
                         f"remat: budget {config.budget} ({budget_bytes / 2**20:.2f} MiB) is below the smallest "
                         f"reachable ({reachable / problem.baseline_bytes:.3f} of baseline, "
                         f"{reachable / 2**20:.2f} MiB at this batch); raise --set remat.budget")
-        before = evaluate(problem, [])
         after = evaluate(problem, plan)
-        details = self._details(config, problem, plan, before, after, budget_bytes, solver)
-        if not plan:
+        details = self._details(config, problem, plan, before, after, budget_bytes, solver, heads)
+        if not plan and not heads:
             reason = "budget met without recomputation" if config.policy == "budget" else \
                 f"policy {config.policy} found no repeated blocks or segments to checkpoint"
             return PassRecord(self.name, changed=False, reason=reason, details=details)
@@ -171,7 +192,8 @@ class Remat(Pass):
         program.meta["remat.plan"] = details
         stats = {"remat_segments": len(plan), "remat_predicted_saved_bytes_before": before.retained_bytes,
                  "remat_predicted_saved_bytes_after": after.retained_bytes,
-                 "remat_predicted_peak_bytes_after": after.peak_bytes, "remat_recompute_flops": after.recompute_flops}
+                 "remat_predicted_peak_bytes_after": after.peak_bytes, "remat_recompute_flops": after.recompute_flops,
+                 "remat_chunked_loss_heads": len(heads)}
         log.info("remat: %s", details["summary"])
         return PassRecord(self.name, changed=True, stats=stats, details=details)
 
@@ -193,7 +215,7 @@ class Remat(Pass):
 
     @staticmethod
     def _details(config: Config, problem, plan: list[Candidate], before, after, budget_bytes: float,
-                 solver: str) -> dict:
+                 solver: str, heads: list[str]) -> dict:
         kinds = {kind: sum(1 for c in plan if c.kind == kind) for kind in ("fine", "range", "block", "group")}
         share = after.recompute_flops / max(problem.total_flops, 1)
         cost_share = after.recompute_cost / max(problem.total_cost, 1e-9)
@@ -203,12 +225,14 @@ class Remat(Pass):
                    f"({after.retained_bytes / max(before.retained_bytes, 1):.2f}), peak "
                    f"{after.peak_bytes / 2**20:.2f} MiB; recompute +{100 * share:.1f}% forward FLOPs "
                    f"(est. +{100 * cost_share:.1f}% forward time) [{solver}]")
+        if heads:
+            summary += f"; loss head chunked ({', '.join(heads)})"
         return {
             "summary": summary, "policy": config.policy, "solver": solver,
             "budget_bytes": budget_bytes if config.policy == "budget" else None,
             "predicted_saved_bytes_before": before.retained_bytes, "predicted_saved_bytes_after": after.retained_bytes,
             "predicted_peak_bytes_after": after.peak_bytes, "recompute_flops": after.recompute_flops,
             "forward_flops": problem.total_flops, "recompute_share": share, "cost_model": config.cost,
-            "recompute_cost_share": cost_share,
+            "recompute_cost_share": cost_share, "chunked_loss_heads": heads,
             "segments": [c.to_dict(problem.storage_bytes) for c in sorted(plan, key=lambda c: c.start)],
         }

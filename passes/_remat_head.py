@@ -1,0 +1,407 @@
+"""``remat``'s loss head: a linear + cross-entropy computed chunk by chunk, never holding the full logits' loss state.
+
+A language model's loss head is ``logits = linear(h, W, b)`` → (a float32 upcast) → ``view(-1, V)`` →
+``cross_entropy(logits, target)``. With a 32k–256k vocabulary its saved tensors and the float32 copies
+autograd keeps (the upcast logits, the log-softmax, the float32 logits gradient) are the largest activations
+of the whole step: for batch 8 × 1024 tokens and V = 50304 each float32 copy is 1.6 GiB.
+
+Rewrite rules (``chunk_loss_heads``):
+
+1. Match ``cross_entropy`` (``aten.cross_entropy_loss`` or ``F.cross_entropy``; no class weights, no label
+   smoothing) whose input reaches back, through single-use ``view``/``reshape``/``contiguous``/float
+   ``to``/``slice``-on-a-leading-dim nodes only, to a linear (``aten.linear``, ``F.linear`` or an
+   ``nn.Linear`` module) over the last dimension.
+2. Replace the chain by one call of ``chunked_linear_cross_entropy(h, W, b, target, ...)`` (leading-dim
+   slices move onto ``h``; they commute with the linear). Its forward runs the linear on ``rows`` rows at a
+   time, keeps only each row's float32 log-sum-exp, and fills the logits output when the graph also returns
+   the logits (they stay differentiable). Its backward recomputes each chunk's logits and back-propagates the
+   softmax gradient through the same linear under the same autocast state as the forward, so only one
+   chunk's logits exist at a time.
+3. Exact to round-off: the loss and every gradient equal the unchunked head's up to summation order (fp32),
+   and bf16 rounding of the per-chunk weight gradients under autocast. The extra cost is one LM-head matmul
+   (the chunks' logits recomputed in backward).
+
+Under ``torch.export`` (ONNX export, a re-capture) the call records ``plain_linear_cross_entropy`` instead —
+the unchunked head, same arguments — so ONNX Runtime builds its own gradient graph from the plain ops.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from effcompile.graph import module_path
+
+aten = torch.ops.aten
+
+CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk when rows are chosen automatically
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
+          aten.clone.default, torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous}
+_VIEW_METHODS = {"view", "reshape", "contiguous"}
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+_SLICES = {aten.slice.Tensor, operator.getitem}
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def auto_rows(vocab: int) -> int:
+    """Rows per chunk when not given: float32 logits of about ``CHUNK_BYTES`` (256 MiB), a multiple of 64."""
+    rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+    return rows - rows % 64 if rows >= 64 else rows
+
+
+def _loss_dtype(logits: torch.Tensor, upcast: torch.dtype | None) -> torch.dtype:
+    """The dtype the original ``cross_entropy`` returned: the upcast's, float32 under autocast (cross-entropy
+    is on autocast's float32 list), else the logits'."""
+    if upcast is not None:
+        return upcast
+    if torch.is_autocast_enabled(logits.device.type):
+        return torch.float32
+    return logits.dtype
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(linear(x, W, b).float(), t)`` over row chunks; returns ``(loss, logits or None)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                ignore_index: int, reduction: int, upcast: torch.dtype | None, rows: int, want_logits: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        ctx.autocast = (device_type, autocast, torch.get_autocast_dtype(device_type) if autocast else None)
+        n = x.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=x.device)
+        per_row = torch.empty(n, dtype=torch.float32, device=x.device)
+        logits_out: torch.Tensor | None = None
+        w, b = weight, bias
+        if autocast:  # cast the weight once, not once per chunk (autocast caches casts only under grad mode)
+            dtype = torch.get_autocast_dtype(device_type)
+            w = weight.to(dtype) if weight.is_floating_point() else weight
+            b = bias.to(dtype) if bias is not None and bias.is_floating_point() else bias
+        loss_dtype = None
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            logits = F.linear(x[start:stop], w, b)
+            if loss_dtype is None:
+                loss_dtype = _loss_dtype(logits, upcast)
+            if want_logits:
+                if logits_out is None:
+                    logits_out = logits.new_empty((n, logits.shape[-1]))
+                logits_out[start:stop] = logits
+            z = logits.to(loss_dtype).float()  # the loss's rounding, then float32 arithmetic
+            chunk_lse = torch.logsumexp(z, dim=-1)
+            t = target[start:stop]
+            valid = t != ignore_index
+            picked = z.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
+            lse[start:stop] = chunk_lse
+            per_row[start:stop] = torch.where(valid, chunk_lse - picked, 0.0)
+            del logits, z
+        count = (target != ignore_index).sum()
+        if reduction == 0:
+            loss = per_row
+        elif reduction == 2:
+            loss = per_row.sum()
+        else:
+            loss = per_row.sum() / count
+        ctx.save_for_backward(x, weight, bias, target, lse, count)
+        ctx.options = (ignore_index, reduction, rows, loss_dtype)
+        ctx.set_materialize_grads(False)
+        return loss.to(loss_dtype), logits_out
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor | None, grad_logits: torch.Tensor | None) -> tuple[Any, ...]:
+        x, weight, bias, target, lse, count = ctx.saved_tensors
+        ignore_index, reduction, rows, loss_dtype = ctx.options
+        device_type, autocast, dtype = ctx.autocast
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if (grad_loss is None and grad_logits is None) or not (need_x or need_w or need_b):
+            return (None,) * 9
+        # The forward's matmul dtypes, written out: autocast ran the linear on ``dtype`` copies of x and W, and
+        # its casts hand the gradients back in x's and W's own dtypes.
+        w = weight.to(dtype) if autocast and weight.is_floating_point() else weight
+        b = bias.to(dtype) if autocast and bias is not None and bias.is_floating_point() else bias
+        scale = None
+        if grad_loss is not None:
+            scale = grad_loss.float() / count if reduction == 1 else grad_loss.float()
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        with torch.autocast(device_type, enabled=False):
+            for start in range(0, x.shape[0], rows):
+                stop = min(start + rows, x.shape[0])
+                chunk = x[start:stop].to(dtype) if autocast else x[start:stop]
+                grad = None
+                if scale is not None:
+                    z = F.linear(chunk, w, b).to(loss_dtype).float()
+                    t = target[start:stop]
+                    valid = t != ignore_index
+                    probs = torch.exp(z - lse[start:stop, None])
+                    del z
+                    probs.scatter_add_(1, torch.where(valid, t, 0).unsqueeze(1),
+                                       torch.full((stop - start, 1), -1.0, device=probs.device))
+                    row_scale = scale[start:stop] if reduction == 0 else scale
+                    probs.mul_((valid.float() * row_scale).unsqueeze(1))
+                    # back through the upcast: rounded to the loss dtype, then to the logits' dtype
+                    grad = probs.to(loss_dtype).to(w.dtype)
+                    del probs
+                if grad_logits is not None:
+                    extra = grad_logits[start:stop].to(w.dtype)
+                    grad = extra if grad is None else grad + extra
+                if need_x:
+                    grad_x[start:stop] = (grad @ w).to(x.dtype)
+                if need_w:
+                    grad_w += (grad.t() @ chunk).to(weight.dtype)
+                if need_b:
+                    grad_b += grad.sum(0).to(bias.dtype)
+                del grad, chunk
+        return (grad_x, grad_w, grad_b) + (None,) * 6
+
+
+def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 target: torch.Tensor, ignore_index: int = -100, reduction: int = 1,
+                                 upcast: torch.dtype | None = torch.float32, rows: int = 0,
+                                 want_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``cross_entropy(linear(h, weight, bias)[.to(upcast)].view(-1, V), target.view(-1))`` computed ``rows``
+    rows at a time (0: about 256 MiB of float32 logits per chunk). ``reduction``: 0 none, 1 mean, 2 sum (aten's
+    codes). Returns ``(loss, logits)``; ``logits`` (shape ``h.shape[:-1] + (V,)``) is None unless
+    ``want_logits``. Gradients reach ``h``, ``weight`` and ``bias`` and equal the unchunked head's to round-off."""
+    if torch.compiler.is_exporting():  # torch.export (ONNX export, re-capture) records the plain head
+        return plain_linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, upcast, rows, want_logits)
+    x = h.reshape(-1, h.shape[-1])
+    t = target.reshape(-1)
+    if t.shape[0] != x.shape[0]:
+        raise ValueError(f"chunked cross-entropy: {t.shape[0]} targets for {x.shape[0]} rows of logits")
+    vocab = weight.shape[0]
+    loss, logits = _ChunkedLinearCrossEntropy.apply(x, weight, bias, t, ignore_index, reduction, upcast,
+                                                    rows or auto_rows(vocab), want_logits)
+    if logits is not None:
+        logits = logits.view(*h.shape[:-1], vocab)
+    return loss, logits
+
+
+def plain_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               target: torch.Tensor, ignore_index: int = -100, reduction: int = 1,
+                               upcast: torch.dtype | None = torch.float32, rows: int = 0,
+                               want_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unchunked head ``chunked_linear_cross_entropy`` stands for (same arguments; ``rows`` ignored):
+    what ``torch.export`` records."""
+    logits = F.linear(h, weight, bias)
+    scores = logits.to(upcast) if upcast is not None else logits
+    loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
+                           reduction={0: "none", 1: "mean", 2: "sum"}[reduction])
+    return loss, (logits if want_logits else None)
+
+
+# --------------------------------------------------------------------------------------------- matching
+
+@dataclass
+class HeadSite:
+    """One matched loss head: the linear, the chain to the cross-entropy, and the cross-entropy's options."""
+
+    linear: torch.fx.Node
+    loss: torch.fx.Node
+    chain: list[torch.fx.Node]  # between them, linear's user first
+    h: torch.fx.Node
+    weight: torch.fx.Node | str  # a node, or the target of an nn.Linear's weight to fetch
+    bias: torch.fx.Node | str | None
+    target: Any
+    ignore_index: int
+    reduction: int
+    upcast: torch.dtype | None
+    slices: list[torch.fx.Node]  # leading-dim slices to apply to h
+
+
+def _is(node: Any, targets: set, methods: set[str] = frozenset()) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in targets
+    return node.op == "call_method" and node.target in methods
+
+
+def _cross_entropy_options(node: torch.fx.Node) -> tuple[Any, Any, int, int] | None:
+    """``(input, target, ignore_index, reduction)`` of a plain cross-entropy call, else None."""
+    if node.op != "call_function":
+        return None
+    if node.target is aten.cross_entropy_loss.default:
+        names = ("input", "target", "weight", "reduction", "ignore_index", "label_smoothing")
+        values = {"weight": None, "reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
+        values.update(dict(zip(names, node.args)))
+        values.update(node.kwargs)
+        reduction = values["reduction"]
+    elif node.target is F.cross_entropy:
+        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
+        values = {"weight": None, "size_average": None, "reduce": None, "ignore_index": -100, "reduction": "mean",
+                  "label_smoothing": 0.0}
+        values.update(dict(zip(names, node.args)))
+        values.update(node.kwargs)
+        if values["size_average"] is not None or values["reduce"] is not None:
+            return None
+        reduction = _REDUCTIONS.get(values["reduction"], -1)
+    else:
+        return None
+    if values["weight"] is not None or values["label_smoothing"] not in (0, 0.0) or reduction not in (0, 1, 2):
+        return None
+    if not isinstance(values["ignore_index"], int):
+        return None
+    return values["input"], values["target"], values["ignore_index"], reduction
+
+
+def _float_cast(node: torch.fx.Node) -> torch.dtype | None | bool:
+    """The floating dtype a cast node converts to; False when ``node`` is not such a cast."""
+    if node.op == "call_method" and node.target == "float":
+        return torch.float32
+    if node.op == "call_method" and node.target == "to":
+        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+    elif node.op == "call_function" and node.target in _CASTS:
+        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+        if set(node.kwargs) - {"dtype", "layout", "device", "memory_format", "copy"}:
+            return False
+    else:
+        return False
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else False
+
+
+def _rank(node: Any) -> int | None:
+    """The tensor rank recorded on a node (export's ``val`` or ShapeProp's ``tensor_meta``), else None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(value, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _leading_slice(node: torch.fx.Node) -> bool:
+    """A slice of a dimension other than the last (it commutes with the linear): ``aten.slice(x, dim, ...)``
+    or ``x[a:b, c:d]`` (slices only), on a node whose rank is recorded."""
+    rank = _rank(node.args[0]) if node.args else None
+    if rank is None or node.op != "call_function":
+        return False
+    if node.target is aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return isinstance(dim, int) and -rank <= dim < rank and dim % rank != rank - 1
+    if node.target is operator.getitem and len(node.args) == 2:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not index or not all(isinstance(i, slice) for i in index) or len(index) > rank:
+            return False
+        return len(index) < rank or index[-1] == slice(None)
+    return False
+
+
+def _linear_parts(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Any, Any, Any] | None:
+    """``(h, weight, bias)`` of a linear over the last dimension, else None."""
+    if node.op == "call_function" and node.target in (aten.linear.default, F.linear, torch._C._nn.linear):
+        h = node.args[0]
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return (h, weight, bias) if isinstance(weight, torch.fx.Node) else None
+    if node.op == "call_module" and not node.kwargs and len(node.args) == 1:
+        module = gm.get_submodule(str(node.target))
+        if type(module) is torch.nn.Linear:
+            return node.args[0], f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
+    return None
+
+
+def find_loss_heads(gm: torch.fx.GraphModule) -> list[HeadSite]:
+    """Every linear + cross-entropy loss head of ``gm`` that ``chunk_loss_heads`` can rewrite."""
+    sites: list[HeadSite] = []
+    for node in gm.graph.nodes:
+        options = _cross_entropy_options(node)
+        if options is None or not isinstance(options[0], torch.fx.Node):
+            continue
+        scores, target, ignore_index, reduction = options
+        chain: list[torch.fx.Node] = []
+        upcast: torch.dtype | None = None
+        slices: list[torch.fx.Node] = []
+        current = scores
+        parts = None
+        while isinstance(current, torch.fx.Node):
+            parts = _linear_parts(gm, current)
+            if parts is not None:
+                break
+            if len(current.users) != 1:
+                break
+            cast = _float_cast(current)
+            if cast is not False:
+                if upcast is not None:
+                    break
+                upcast = cast
+            elif _leading_slice(current):
+                slices.append(current)
+            elif not _is(current, _VIEWS, _VIEW_METHODS):
+                break
+            chain.append(current)
+            current = current.args[0] if current.args else None
+        if parts is None or not isinstance(current, torch.fx.Node):
+            continue
+        h, weight, bias = parts
+        if not isinstance(h, torch.fx.Node):
+            continue
+        sites.append(HeadSite(current, node, list(reversed(chain)), h, weight, bias, target, ignore_index, reduction,
+                              upcast, list(reversed(slices))))
+    return sites
+
+
+def _fetch(graph: torch.fx.Graph, value: Any) -> Any:
+    return graph.get_attr(value) if isinstance(value, str) else value
+
+
+def chunk_loss_heads(gm: torch.fx.GraphModule, rows: int = 0) -> list[str]:
+    """Replace every loss head ``find_loss_heads`` matches by one ``chunked_linear_cross_entropy`` call
+    (``rows`` rows per chunk; 0 automatic). Other users of the logits (the model's ``logits`` output) read the
+    logits the call fills. Returns the rewritten heads' linear names; recompiles ``gm`` when any changed."""
+    done: list[str] = []
+    graph = gm.graph
+    for site in find_loss_heads(gm):
+        with graph.inserting_before(site.loss):
+            h = site.h
+            for piece in site.slices:  # leading-dim slices of the logits → the same slices of h
+                h = graph.call_function(piece.target, (h, *piece.args[1:]), dict(piece.kwargs))
+                h.meta = dict(piece.meta)
+            other_users = [u for u in site.linear.users if u not in site.chain and u is not site.loss]
+            want_logits = bool(other_users)
+            call = graph.call_function(chunked_linear_cross_entropy, (
+                h, _fetch(graph, site.weight), _fetch(graph, site.bias), site.target),
+                {"ignore_index": site.ignore_index, "reduction": site.reduction, "upcast": site.upcast,
+                 "rows": rows, "want_logits": want_logits})
+            call.meta = {k: v for k, v in site.loss.meta.items() if k in ("nn_module_stack", "stack_trace")}
+            loss = graph.call_function(operator.getitem, (call, 0))
+            loss.meta = dict(site.loss.meta)
+            if want_logits:
+                logits = graph.call_function(operator.getitem, (call, 1))
+                logits.meta = dict(site.linear.meta)
+        site.loss.replace_all_uses_with(loss)
+        if want_logits:
+            for user in other_users:
+                user.replace_input_with(site.linear, logits)
+        for dead in [site.loss, *reversed(site.chain), site.linear]:
+            if not dead.users:
+                graph.erase_node(dead)
+        done.append(_site_name(site))
+    if done:
+        graph.lint()
+        gm.recompile()
+    return done
+
+
+def is_chunked_head(node: torch.fx.Node) -> bool:
+    """Whether ``node`` calls ``chunked_linear_cross_entropy``."""
+    return node.op == "call_function" and node.target is chunked_linear_cross_entropy
+
+
+def _site_name(site: HeadSite) -> str:
+    if isinstance(site.weight, str):
+        return site.weight.rsplit(".", 1)[0]
+    return module_path(site.linear) or site.linear.name
+
+
+def head_names(sites: Sequence[HeadSite]) -> list[str]:
+    """The module paths (or node names) of matched heads, for reports."""
+    return [_site_name(site) for site in sites]
