@@ -328,6 +328,7 @@ def _without_gqa(program: Program) -> Program:
 
 def _export(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onnx.ModelProto, ExportInfo, dict[str, str]]:
     """Export the wrapped program; returns the ONNX model, its ExportInfo and initializer→module names."""
+    names_from = program.gm  # parameter names as the user's module has them (a rewritten copy may reorder them)
     program = _without_gqa(program)
     _refuse_complex(program)
     wrapper = _Wrapper(program, mode)
@@ -358,7 +359,7 @@ def _export(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onn
     assert onnx_program is not None
     model = onnx_program.model_proto
     _rename_io(model, input_names, mode, program)
-    names = _rename_parameters(model, program.gm)
+    names = _rename_parameters(model, program.gm, names_from)
     info = ExportInfo([i.name for i in model.graph.input], [o.name for o in model.graph.output],
                       dynamic_batch=dynamic, opset=_default_opset(model))
     return model, info, names
@@ -399,11 +400,14 @@ def _output_names(program: Program) -> list[str]:
     return names
 
 
-def _rename_parameters(model: onnx.ModelProto, gm: torch.fx.GraphModule) -> dict[str, str]:
-    """Name each initializer that holds a module parameter after the parameter (first name of a tied one).
-    Returns {new initializer name: module parameter name} for parameters only."""
+def _rename_parameters(model: onnx.ModelProto, gm: torch.fx.GraphModule,
+                       names_from: torch.fx.GraphModule | None = None) -> dict[str, str]:
+    """Name each initializer that holds a module parameter after the parameter (first name of a tied one,
+    in ``names_from``'s order — the module the export was asked for, whose ``named_parameters`` the
+    trainable/frozen partition walks; ``gm``, the module exported, may be a rewritten copy sharing the
+    parameters). Returns {new initializer name: module parameter name} for parameters only."""
     canonical: dict[int, str] = {}
-    for name, parameter in gm.named_parameters(remove_duplicate=False):
+    for name, parameter in (names_from or gm).named_parameters(remove_duplicate=False):
         canonical.setdefault(id(parameter), name)
     renames: dict[str, str] = {}
     parameters: dict[str, str] = {}

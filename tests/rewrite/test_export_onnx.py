@@ -291,6 +291,22 @@ def test_after_remat_training_matches(tmp_path):
     _assert_same_curve(ort_losses, _torch_losses(program, 10))
 
 
+def test_tied_embeddings_with_gqa_train_every_parameter(tmp_path):
+    """GQA models are exported from a rewritten copy (key/value heads re-expanded); a tied embedding must
+    keep the name the trainable list uses, or ORT silently freezes it (Qwen2 ties its embeddings)."""
+    from effcompile.spec import load_hf_spec
+
+    from conftest import generic_tiny_overrides
+
+    spec = load_hf_spec("qwen2", {**generic_tiny_overrides("qwen2"), "tie_word_embeddings": True}, batch=2, seq=16)
+    program = _compile(spec)
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)
+    manifest = json.loads((tmp_path / "effcompile_onnx.json").read_text())
+    assert manifest["unused_params"] == [] and "model.embed_tokens.weight" in manifest["requires_grad"]
+    trainer = OrtTrainer(tmp_path)
+    _assert_same_curve([trainer.step(program.flat_inputs()) for _ in range(5)], _torch_losses(program, 5))
+
+
 @pytest.mark.parametrize("model_type", ["mistral", "gpt_neox", "olmo"])
 def test_other_architectures_export_and_train(model_type, tmp_path):
     """Architectures the passes are not tuned on still export and train in ORT (loss falls); OLMo's
