@@ -21,8 +21,10 @@ Rewrite rules (``chunk_loss_heads``):
    and bf16 rounding of the per-chunk weight gradients under autocast. The extra cost is one LM-head matmul
    (the chunks' logits recomputed in backward).
 
-Under ``torch.export`` (ONNX export, a re-capture) the call records ``plain_linear_cross_entropy`` instead —
-the unchunked head, same arguments — so ONNX Runtime builds its own gradient graph from the plain ops.
+Under ``torch.export`` (ONNX export, a re-capture) and ``torch.compile`` the call traces
+``plain_linear_cross_entropy`` instead — the unchunked head, same arguments: ONNX Runtime builds its own
+gradient graph from the plain ops, and Inductor fuses them (the chunk loop compiled ran slower: see the
+README's ``remat`` table).
 """
 
 from __future__ import annotations
@@ -172,7 +174,9 @@ def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: to
     rows at a time (0: about 256 MiB of float32 logits per chunk). ``reduction``: 0 none, 1 mean, 2 sum (aten's
     codes). Returns ``(loss, logits)``; ``logits`` (shape ``h.shape[:-1] + (V,)``) is None unless
     ``want_logits``. Gradients reach ``h``, ``weight`` and ``bias`` and equal the unchunked head's to round-off."""
-    if torch.compiler.is_exporting():  # torch.export (ONNX export, re-capture) records the plain head
+    if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        # torch.export (ONNX export) records the plain head; torch.compile plans the head's memory itself
+        # (its partitioner), and compiles the plain ops faster than the chunk loop
         return plain_linear_cross_entropy(h, weight, bias, target, ignore_index, reduction, upcast, rows, want_logits)
     x = h.reshape(-1, h.shape[-1])
     t = target.reshape(-1)

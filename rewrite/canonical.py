@@ -19,6 +19,14 @@ both, exactly:
    precision (autocast, ``amp``), the graph would return — and ``torch.compile`` would keep — the float32
    upcast of the logits instead of the model's low-precision ones.
 
+4. ``loss_boundary``: when the graph returns a tensor that it also feeds to later computation (the logits,
+   which the loss head reads), a ``torch._dynamo.graph_break()`` call follows it — a no-op when the graph
+   runs eagerly or is exported. Under ``torch.compile`` the graph then compiles as two graphs, as a Hugging
+   Face model does (its loss function breaks the graph there): the logits are the first graph's output
+   *and* the second's input, so their gradient arrives from the loss. In one graph, a training loop that
+   drops the logits output leaves AOTAutograd a missing tangent, which it fills with a materialised
+   all-zero logits-sized tensor at the start of backward (0.77 GiB at batch 8 × 1024 × 50304 in bf16).
+
 They run at capture on graphs from ``torch.export``, whose sequence length is static, so "equals the causal
 mask on the example" holds for every input the graph accepts. A symbolically traced graph is
 shape-generic (a sliding-window mask is lower-triangular only up to its window), so capture leaves those
@@ -31,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.fx
 
 from .graph import depends_on_input_data
@@ -148,6 +157,44 @@ def uncast_outputs(gm: torch.fx.GraphModule) -> int:
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return changed
+
+
+torch.fx.node.has_side_effect(torch._dynamo.graph_break)  # a marker that dead-code elimination must keep
+
+
+def is_loss_boundary(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is the ``torch._dynamo.graph_break()`` marker ``loss_boundary`` inserts."""
+    return node.op == "call_function" and node.target is torch._dynamo.graph_break
+
+
+def loss_boundary(gm: torch.fx.GraphModule) -> int:
+    """Insert ``torch._dynamo.graph_break()`` right after the last floating-point graph output that other
+    nodes also read (the logits a loss head consumes), so ``torch.compile`` splits the graph there. Exact (a
+    no-op outside dynamo). Returns 1 when inserted, 0 when no output qualifies or a marker exists."""
+    nodes = list(gm.graph.nodes)
+    if any(is_loss_boundary(n) for n in nodes):
+        return 0
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    position = {n: i for i, n in enumerate(nodes)}
+    shared = []
+    for leaf in _leaves(output.args[0]):
+        value = leaf.meta.get("val") if isinstance(leaf, torch.fx.Node) else None
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 1 and \
+                any(user is not output for user in leaf.users):
+            shared.append(leaf)
+    if not shared:
+        return 0
+    last = max(shared, key=position.__getitem__)
+    with gm.graph.inserting_after(last):
+        gm.graph.call_function(torch._dynamo.graph_break)
+    gm.recompile()
+    return 1
+
+
+def _leaves(value: Any) -> list[Any]:
+    leaves: list[Any] = []
+    torch.fx.node.map_arg(value, leaves.append)
+    return leaves
 
 
 def causal_sdpa(program: Any, gqa: bool = True) -> int:

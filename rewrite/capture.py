@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from .canonical import causal_sdpa, uncast_outputs
+from .canonical import causal_sdpa, loss_boundary, uncast_outputs
 from .errors import CaptureError
 from .program import Program
 from .spec import ModelSpec
@@ -35,7 +35,9 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     shape-generic. ``canonical``: on exported graphs, give SDPA calls whose mask is the materialised causal
     mask ``is_causal=True`` (and ``enable_gqa`` instead of ``repeat_kv`` copies), as eager mode calls it
     and return outputs a no-op upcast had aliased (``logits.float()``) unconverted (exact; see
-    ``effcompile.canonical``); the counts are ``program.meta["causal_sdpa"]`` / ``["uncast_outputs"]``. Raises
+    ``effcompile.canonical``), and mark the loss boundary after the logits for ``torch.compile`` (a
+    no-op marker); the counts are ``program.meta["causal_sdpa"]`` / ``["uncast_outputs"]`` /
+    ``["loss_boundary"]``. Raises
     CaptureError naming the op or source line neither path could follow.
     """
     if path not in CAPTURE_PATHS:
@@ -69,6 +71,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     if canonical:
         program.meta["causal_sdpa"] = causal_sdpa(program)
         program.meta["uncast_outputs"] = uncast_outputs(program.gm)
+        program.meta["loss_boundary"] = loss_boundary(program.gm)
     del module
     gc.collect()  # export leaves the deep copy's tensors in reference cycles: free them now, not at some later gc
     return program

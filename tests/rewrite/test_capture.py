@@ -156,3 +156,43 @@ def test_capture_returns_logits_before_the_loss_upcast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = program.run()
     assert result["logits"].dtype == torch.bfloat16 and result["loss"].dtype == torch.float32
+
+
+def test_loss_boundary_splits_compiled_graph_at_the_logits():
+    """The logits are returned and read by the loss head. Compiled as one graph, a loop that drops the
+    logits output leaves AOTAutograd a missing tangent, which it fills with an all-zero logits-sized tensor
+    at the start of backward; capture marks a graph break after the logits (as HF's loss function breaks the
+    graph), so the logits' gradient arrives from the loss instead. Eager results do not change."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from effcompile.canonical import is_loss_boundary
+
+    program = capture(tiny_spec("gpt2"))
+    assert program.meta["loss_boundary"] == 1
+    marker = next(n for n in program.gm.graph.nodes if is_loss_boundary(n))
+    assert marker.prev.target is torch.ops.aten.linear.default  # right after the logits
+    program.gm.graph.eliminate_dead_code()  # passes clean up with DCE: the marker must survive it
+    assert any(is_loss_boundary(n) for n in program.gm.graph.nodes)
+    logits_shape = tuple(program.run()["logits"].shape)
+    zero_tangents: list[bool] = []
+    graphs: list[int] = []
+
+    def backward_compiler(gm, example_inputs):
+        def run(args):
+            zero_tangents.extend(bool((a == 0).all()) for a in args
+                                 if isinstance(a, torch.Tensor) and tuple(a.shape) == logits_shape)
+            return torch.fx.Interpreter(gm).boxed_run(args)
+        run._boxed_call = True
+        return run
+
+    def forward_compiler(gm, example_inputs):
+        graphs.append(1)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(program.gm, backend=aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler))
+    loss = compiled(*program.args, **program.kwargs)[0]  # the logits output is dropped, as training loops do
+    loss.backward()
+    torch._dynamo.reset()
+    assert len(graphs) == 2  # body, then the loss head
+    assert zero_tangents and not any(zero_tangents)
