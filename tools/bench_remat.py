@@ -231,7 +231,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     measure("compile", "compile", hf(False), compile_model=True)
     measure("captured graph, no remat", "eager", lambda: (plain_graph(base_program(), device), {}))
     for options, name in (({"budget": 0.2}, "remat budget 0.2"), ({"budget": 0.1}, "remat budget 0.1"),
-                          ({"policy": "sqrt"}, "remat sqrt")):
+                          ({"policy": "sqrt"}, "remat sqrt"),
+                          ({"policy": "blocks", "head": "keep"}, "remat blocks, head kept")):
         measure(name, "eager", remat(options))
     return rows
 
