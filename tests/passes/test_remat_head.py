@@ -224,3 +224,20 @@ def test_saved_bytes_fall(captured):
     vocab, rows = 128, 2 * 16
     # the float32 log-softmax goes; a float32 log-sum-exp per row comes
     assert before - after >= rows * vocab * 4 - rows * 4 - 64
+
+
+@pytest.mark.parametrize("model_type,head", [("opt", "lm_head"), ("t5", "lm_head"), ("roberta", "lm_head.decoder"),
+                                             ("gemma2", None)])
+def test_other_architectures_verify(model_type, head):
+    """Heads beyond the three tuned architectures: OPT (whose key-projection bias gradient is zero in exact
+    arithmetic, so verification must judge its round-off on the gradients' scale), T5 (encoder-decoder),
+    RoBERTa's MLM head; Gemma 2's soft-capped logits are left alone."""
+    from effcompile.spec import load_hf_spec
+
+    from conftest import generic_tiny_overrides
+
+    spec = load_hf_spec(model_type, generic_tiny_overrides(model_type), batch=2, seq=16)
+    program = capture(spec)
+    rewritten, record = _remat(program, budget=0.6)
+    assert record.verify.ok, record.verify.failures
+    assert record.details["chunked_loss_heads"] == ([head] if head else [])
