@@ -13,9 +13,11 @@ decisions into the graph (policy in ``passes/_amp_policy.py``):
    ``aten._to_copy.default(x, dtype=...)``; parameters included (``per_step``: float32 master
    weights, cast where used; a weight used by several ops is cast once per forward).
 4. Cast the inputs of ``keep_fp32`` ops, leaf modules holding float parameters (LayerNorm,
-   Embedding...) and, with ``cast_outputs``, the graph's outputs back to their original dtype (off by
-   default: outputs stay as computed, as under autocast — a float32 copy of a 50k-vocabulary logits
-   output is 1.5 GiB at batch 8 × 1024, held at the compiled forward's peak); ops in
+   Embedding...) and, with ``cast_outputs``, the graph's outputs back to their original dtype (``auto``:
+   only when a ``loss_fn`` outside the graph reads them, so a user's loss runs in the precision it was
+   written for; a graph that computes its own loss returns its outputs as computed, as under autocast — a
+   float32 copy of a 50k-vocabulary logits output is 1.5 GiB at batch 8 × 1024, held at the compiled
+   forward's peak); ops in
    neither list run in their inputs' dtype with type promotion, as under autocast.
 5. Simplify: drop casts whose input already has the target dtype, replace ``cast(cast(y, wide),
    narrow)`` by ``y`` when ``y`` already is ``narrow`` (exact), merge casts of one value to one dtype.
@@ -97,9 +99,10 @@ class Amp(Pass):
         cast_params: Literal["per_step", "once"] = field(default="per_step", metadata={
             "help": "per_step: float32 weights cast where used each forward; once: a low-precision copy "
                     "kept until the weight changes (frozen weights stored in low precision)"})
-        cast_outputs: bool = field(default=False, metadata={
-            "help": "cast floating graph outputs back to their original dtype; False (default): as computed, "
-                    "like autocast (bf16 logits, float32 loss) — a float32 copy of the logits costs memory"})
+        cast_outputs: bool | Literal["auto"] = field(default="auto", metadata={
+            "help": "cast floating graph outputs back to their original dtype: true, false (as computed, like "
+                    "autocast: bf16 logits, float32 loss), or auto — true only when a loss_fn outside the graph "
+                    "reads the outputs (so it computes in the precision it was written for)"})
         causal_mask: bool = field(default=True, metadata={
             "help": "give SDPA calls whose mask is a materialised causal mask is_causal=True instead (exact; "
                     "lets the flash kernel run)"})
@@ -145,13 +148,14 @@ class Amp(Pass):
         if not low_ops:  # the program is discarded: nothing above needs undoing
             return PassRecord(self.name, changed=False, reason="no matmul, linear, conv or attention op to run "
                               f"in {config.dtype}")
+        cast_outputs = config.cast_outputs if config.cast_outputs != "auto" else program.loss_fn is not None
         inserter = _CastInserter(graph)
         for node in list(graph.nodes):
             kind = classes.get(node, "other")
             if kind == "low":
                 inserter.cast_inputs(node, lambda v: original.get(v) in _CASTABLE and original[v] != low,
                                      lambda v: low)
-            elif kind in ("fp32", "module_fp32") or (node.op == "output" and config.cast_outputs):
+            elif kind in ("fp32", "module_fp32") or (node.op == "output" and cast_outputs):
                 inserter.cast_inputs(node, lambda v: _is_float(original.get(v)), lambda v: original[v])
         current, _ = _propagate_dtypes(program, recompile=True)
         removed = _simplify(graph, current)
