@@ -137,8 +137,8 @@ def make_peft(shapes: Shapes, device: torch.device, ids: torch.Tensor) -> torch.
     return get_peft_model(build_llama(shapes, device), config)
 
 
-def make_ours(passes: list[str], extra: dict[str, Any], causal: bool = True, budget: float = REMAT_BUDGET
-              ) -> Callable[[Shapes, torch.device, torch.Tensor], torch.nn.Module]:
+def make_ours(passes: list[str], extra: dict[str, Any], causal: bool = True, budget: float = REMAT_BUDGET,
+              cost: str = "time") -> Callable[[Shapes, torch.device, torch.Tensor], torch.nn.Module]:
     """A builder compiling the model with effcompile ``passes`` (lora r16 / alpha 32 on all linears).
     ``causal``: let capture give SDPA ``is_causal=True`` instead of the explicit causal mask export
     materialised (False keeps the mask: the ``ours_bf16_masked`` row)."""
@@ -160,7 +160,7 @@ def make_ours(passes: list[str], extra: dict[str, Any], causal: bool = True, bud
         for name in passes:
             if name != "lora":
                 # plan for what bf16 autocast training saves (the rows run under autocast on CUDA)
-                remat = {"budget": budget, **({"autocast": "bfloat16"} if device.type == "cuda" else {})}
+                remat = {"budget": budget, "cost": cost, **({"autocast": "bfloat16"} if device.type == "cuda" else {})}
                 options = {"remat": remat} if name == "remat" else {}
                 manager = PassManager(resolve_passes([name], options), verify=False, measure=False)
                 program = manager.run(program).program
@@ -196,14 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     shapes = QUICK if args.quick else FULL
     steps = args.steps or (2 if args.quick else 6)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    for name in names:  # ours_bf16_remat<budget>: the remat row at another budget, e.g. ours_bf16_remat0.6
+    for name in names:  # ours_bf16_remat<budget>[flops]: the remat row at another budget (and cost model),
+        # e.g. ours_bf16_remat0.6, ours_bf16_remat0.7flops
         if name.startswith("ours_bf16_remat") and name not in BUILDERS:
+            spec = name.removeprefix("ours_bf16_remat")
+            cost = "flops" if spec.endswith("flops") else "time"
             try:
-                budget = float(name.removeprefix("ours_bf16_remat"))
+                budget = float(spec.removesuffix("flops"))
             except ValueError:
                 continue
-            BUILDERS[name] = (f"effcompile lora r{RANK} bf16 base + remat {budget:g}",
-                              make_ours(["lora", "remat"], {"base_dtype": "bfloat16"}, budget=budget))
+            BUILDERS[name] = (f"effcompile lora r{RANK} bf16 base + remat {budget:g}" + (" (flops)" if cost == "flops" else ""),
+                              make_ours(["lora", "remat"], {"base_dtype": "bfloat16"}, budget=budget, cost=cost))
     unknown = [n for n in names if n not in BUILDERS]
     if unknown:
         parser.error(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
