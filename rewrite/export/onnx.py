@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import json
 import logging
@@ -280,14 +279,6 @@ def _input_names(program: Program) -> list[str]:
     return list(bound.arguments)
 
 
-def _repeat_heads(tensor: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """``tensor [B, Hkv, S, D]`` with each head repeated to ``query``'s head count, as Hugging Face's
-    ``repeat_kv`` does it (unsqueeze, expand, reshape)."""
-    batch, kv_heads, length, dim = tensor.shape
-    groups = query.shape[1] // kv_heads
-    return tensor[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(batch, kv_heads * groups, length, dim)
-
-
 _COMPLEX_OPS = {"view_as_complex", "view_as_real", "polar", "complex"}
 
 
@@ -303,33 +294,8 @@ def _refuse_complex(program: Program) -> None:
                               "products) before exporting")
 
 
-def _without_gqa(program: Program) -> Program:
-    """``program`` with every ``enable_gqa=True`` SDPA call fed explicitly repeated key/value heads instead
-    (the form capture canonicalises away, see ``effcompile.canonical``): ORT training cannot differentiate
-    the exporter's translation of ``enable_gqa``. Shares the parameters; returns ``program`` if none."""
-    sdpa = aten.scaled_dot_product_attention.default
-    if not any(n.op == "call_function" and n.target is sdpa and n.kwargs.get("enable_gqa")
-               for n in program.gm.graph.nodes):
-        return program
-    graph = copy.deepcopy(program.gm.graph)
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is sdpa and node.kwargs.get("enable_gqa"):
-            query, key, value = node.args[:3]
-            with graph.inserting_before(node):
-                key = graph.call_function(_repeat_heads, (key, query))
-                value = graph.call_function(_repeat_heads, (value, query))
-            node.args = (query, key, value, *node.args[3:])
-            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "enable_gqa"}
-    gm = torch.fx.GraphModule(program.gm, graph)
-    gm.train(program.gm.training)
-    return Program(gm, program.args, program.kwargs, program.loss_fn, program.capture_path, program.name,
-                   dict(program.meta))
-
-
 def _export(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onnx.ModelProto, ExportInfo, dict[str, str]]:
     """Export the wrapped program; returns the ONNX model, its ExportInfo and initializer→module names."""
-    names_from = program.gm  # parameter names as the user's module has them (a rewritten copy may reorder them)
-    program = _without_gqa(program)
     _refuse_complex(program)
     wrapper = _Wrapper(program, mode)
     wrapper.train(program.gm.training)
@@ -359,7 +325,7 @@ def _export(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onn
     assert onnx_program is not None
     model = onnx_program.model_proto
     _rename_io(model, input_names, mode, program)
-    names = _rename_parameters(model, program.gm, names_from)
+    names = _rename_parameters(model, program.gm)
     info = ExportInfo([i.name for i in model.graph.input], [o.name for o in model.graph.output],
                       dynamic_batch=dynamic, opset=_default_opset(model))
     return model, info, names
@@ -400,14 +366,12 @@ def _output_names(program: Program) -> list[str]:
     return names
 
 
-def _rename_parameters(model: onnx.ModelProto, gm: torch.fx.GraphModule,
-                       names_from: torch.fx.GraphModule | None = None) -> dict[str, str]:
-    """Name each initializer that holds a module parameter after the parameter (first name of a tied one,
-    in ``names_from``'s order — the module the export was asked for, whose ``named_parameters`` the
-    trainable/frozen partition walks; ``gm``, the module exported, may be a rewritten copy sharing the
-    parameters). Returns {new initializer name: module parameter name} for parameters only."""
+def _rename_parameters(model: onnx.ModelProto, gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Name each initializer that holds a module parameter after the parameter (first name of a tied one, in
+    the order the trainable/frozen partition walks ``gm.named_parameters``). Returns {new initializer name:
+    module parameter name} for parameters only."""
     canonical: dict[int, str] = {}
-    for name, parameter in (names_from or gm).named_parameters(remove_duplicate=False):
+    for name, parameter in gm.named_parameters(remove_duplicate=False):
         canonical.setdefault(id(parameter), name)
     renames: dict[str, str] = {}
     parameters: dict[str, str] = {}

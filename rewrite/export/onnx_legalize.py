@@ -72,7 +72,7 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     stats = {"ir_version_lowered": 0, "opset_converted": 0, "split_from_sequence": 0, "castlike_to_cast": 0,
              "gradient_outputs_named": 0, "neg_inf_constants": 0, "low_precision_ops_in_float32": 0,
              "tanh_gelu_as_sigmoid": 0, "nan_guards_dropped": 0, "cross_entropy_split": 0,
-             "layer_norm_bias_added": 0}
+             "layer_norm_bias_added": 0, "axes_made_vectors": 0}
     if _default_opset(model) > MAX_OPSET:
         converted = onnx.version_converter.convert_version(model, MAX_OPSET)
         model.CopyFrom(converted)
@@ -80,6 +80,7 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     _infer_types(model)
     stats["split_from_sequence"] = _sequences_to_split(model)
     stats["castlike_to_cast"] = _castlike_to_cast(model)
+    stats["axes_made_vectors"] = _vector_axes(model)
     if not inference:
         stats["layer_norm_bias_added"] = _layer_norm_bias(model)
     if speed_rewrites:
@@ -231,6 +232,37 @@ def _castlike_to_cast(model: onnx.ModelProto) -> int:
         del node.input[1:]
         node.op_type = "Cast"
         node.attribute.append(onnx.helper.make_attribute("to", to))
+        count += 1
+    return count
+
+
+def _vector_axes(model: onnx.ModelProto) -> int:
+    """Give every ``Unsqueeze``/``Squeeze`` whose ``axes`` is a 0-d constant (an initializer, or a ``Constant``
+    node's ``value`` / ``value_int``) a 1-d one. The exporter writes ``x[:, :, None]`` (``repeat_kv``'s head expansion) with a scalar
+    axis; ORT's Unsqueeze accepts it, but the gradient builder reuses the same axes for the ``Squeeze`` of the
+    gradient, and Squeeze requires a vector (``An axes tensor must be a vector tensor`` at the first training
+    step). Returns how many inputs changed."""
+    graph = model.graph
+    scalars: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 0}
+    for node in graph.node:
+        if node.op_type != "Constant" or not node.attribute:
+            continue
+        attribute = node.attribute[0]
+        if attribute.name == "value" and len(attribute.t.dims) == 0:
+            scalars[node.output[0]] = numpy_helper.to_array(attribute.t)
+        elif attribute.name == "value_int":  # a scalar by definition
+            scalars[node.output[0]] = np.array(attribute.i, np.int64)
+    vectors: dict[str, str] = {}
+    count = 0
+    for node in graph.node:
+        if node.op_type not in ("Unsqueeze", "Squeeze") or len(node.input) < 2 or node.input[1] not in scalars:
+            continue
+        source = node.input[1]
+        if source not in vectors:
+            vectors[source] = f"{source}__vector"
+            graph.initializer.append(numpy_helper.from_array(scalars[source].reshape(1).astype(np.int64),
+                                                             vectors[source]))
+        node.input[1] = vectors[source]
         count += 1
     return count
 

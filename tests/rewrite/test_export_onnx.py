@@ -283,8 +283,12 @@ def test_after_amp_casts_are_exported_and_train(tmp_path):
 
 
 @pytest.mark.skipif(not _HAVE["remat"], reason="passes/remat.py not present")
-def test_after_remat_training_matches(tmp_path):
-    program = _compile(tiny_spec("gpt2"), ["remat"], {"remat": {"policy": "blocks"}})
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_after_remat_training_matches(tmp_path, arch):
+    """Checkpointed segments and the chunked loss head export as their plain forward. Llama's segments keep
+    SDPA's ``enable_gqa``, whose ONNX translation unsqueezes with a scalar axis: ORT's Squeeze (the gradient
+    of that Unsqueeze) needs it as a vector."""
+    program = _compile(tiny_spec(arch), ["remat"], {"remat": {"policy": "blocks"}})
     export_training_artifacts(program, tmp_path, **OPTIMIZER)
     trainer = OrtTrainer(tmp_path)
     ort_losses = [trainer.step(program.flat_inputs()) for _ in range(10)]
@@ -292,8 +296,9 @@ def test_after_remat_training_matches(tmp_path):
 
 
 def test_tied_embeddings_with_gqa_train_every_parameter(tmp_path):
-    """GQA models are exported from a rewritten copy (key/value heads re-expanded); a tied embedding must
-    keep the name the trainable list uses, or ORT silently freezes it (Qwen2 ties its embeddings)."""
+    """A GQA model (SDPA with ``enable_gqa``) with tied embeddings, as Qwen2 and many small models are: every
+    parameter trains, the tied embedding included, and the curve equals PyTorch's (an earlier export re-expanded
+    the key/value heads on a copy of the graph, whose tied parameter got a name the trainable list lacked)."""
     from effcompile.spec import load_hf_spec
 
     from conftest import generic_tiny_overrides
