@@ -105,6 +105,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse[start:stop] = chunk_lse
             per_row[start:stop] = torch.where(valid, chunk_lse - picked, 0.0)
             del logits, z
+        if loss_dtype is None:  # no rows
+            loss_dtype = upcast or (torch.float32 if autocast else x.dtype)
         count = (target != ignore_index).sum()
         if reduction == 0:
             loss = per_row

@@ -125,6 +125,15 @@ def test_logits_not_returned_when_unused():
     assert h.grad is not None
 
 
+def test_no_rows():
+    h, weight = torch.randn(0, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long)
+    for reduction in (0, 2):
+        loss, _ = chunked_linear_cross_entropy(h, weight, None, target, reduction=reduction)
+        expected, _ = plain_linear_cross_entropy(h, weight, None, target, reduction=reduction)
+        assert loss.shape == expected.shape and loss.dtype == expected.dtype and float(loss.sum()) == 0.0
+
+
 def test_rows_must_match_targets():
     with pytest.raises(ValueError, match="targets for"):
         chunked_linear_cross_entropy(torch.randn(4, 8), torch.randn(30, 8), None, torch.zeros(5, dtype=torch.long))
