@@ -3,9 +3,10 @@ memory-budget partitioner, in the same run.
 
 GPU (``--device cuda``): Hugging Face GPT-2, 24 layers, d1024, 16 heads, vocab 50304, batch 8, seq 1024,
 dropout 0, bf16 autocast, fused AdamW. Rows: no checkpointing; HF ``gradient_checkpointing_enable``
-(per-block); ``remat`` budget 0.5 / 0.3 / 0.1, ``blocks`` and ``sqrt`` (eager); ``torch.compile``,
-``torch.compile`` + ``activation_memory_budget`` 0.5, and ``remat`` (the cheapest eager plan at ≤ 9.6 GiB)
-then ``torch.compile``. Peak = ``torch.cuda.max_memory_allocated`` over the timed steps (parameters,
+(per-block); ``remat`` budget 0.5 / 0.3 / 0.2 / 0.1, ``blocks``, ``sqrt`` and ``blocks`` with the loss head
+kept (``head=keep``: what the chunked head is worth) (eager); the captured graph without remat;
+``torch.compile``, ``torch.compile`` + ``activation_memory_budget`` 0.5, and ``remat`` (the cheapest eager plan
+at ≤ 9.6 GiB) then ``torch.compile``. Peak = ``torch.cuda.max_memory_allocated`` over the timed steps (parameters,
 gradients and AdamW state included). The graph is captured (torch.export) and planned at batch 8. Writes ``$OUT/bench_remat.json`` and ``$OUT/bench_remat.png``.
 
 ``--quick``: a tiny GPT-2 on CPU; bytes saved for backward measured with ``saved_tensors_hooks`` beside
