@@ -39,6 +39,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from effcompile.graph import module_path
+from effcompile.patterns import DTYPE_CONVERSIONS, LINEAR_FUNCTIONS
 
 aten = torch.ops.aten
 
@@ -47,8 +48,6 @@ CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk when rows are chosen autom
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
           aten.clone.default, torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous}
 _VIEW_METHODS = {"view", "reshape", "contiguous"}
-_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
-_SLICES = {aten.slice.Tensor, operator.getitem}
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
@@ -77,14 +76,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
-        ctx.autocast = (device_type, autocast, torch.get_autocast_dtype(device_type) if autocast else None)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else None
+        ctx.autocast = (device_type, autocast, dtype)
         n = x.shape[0]
         lse = torch.empty(n, dtype=torch.float32, device=x.device)
         per_row = torch.empty(n, dtype=torch.float32, device=x.device)
         logits_out: torch.Tensor | None = None
         w, b = weight, bias
         if autocast:  # cast the weight once, not once per chunk (autocast caches casts only under grad mode)
-            dtype = torch.get_autocast_dtype(device_type)
             w = weight.to(dtype) if weight.is_floating_point() else weight
             b = bias.to(dtype) if bias is not None and bias.is_floating_point() else bias
         loss_dtype = None
@@ -266,7 +265,7 @@ def _float_cast(node: torch.fx.Node) -> torch.dtype | None | bool:
         return torch.float32
     if node.op == "call_method" and node.target == "to":
         dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
-    elif node.op == "call_function" and node.target in _CASTS:
+    elif node.op == "call_function" and node.target in DTYPE_CONVERSIONS:
         dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
         if set(node.kwargs) - {"dtype", "layout", "device", "memory_format", "copy"}:
             return False
@@ -303,7 +302,7 @@ def _leading_slice(node: torch.fx.Node) -> bool:
 
 def _linear_parts(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Any, Any, Any] | None:
     """``(h, weight, bias)`` of a linear over the last dimension, else None."""
-    if node.op == "call_function" and node.target in (aten.linear.default, F.linear, torch._C._nn.linear):
+    if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
         h = node.args[0]
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

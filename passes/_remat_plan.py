@@ -124,11 +124,9 @@ def _attr(gm: torch.fx.GraphModule, target: str) -> object:
 def _is_weight_module(module: torch.nn.Module) -> bool:
     """A module that multiplies by a weight matrix (a rewritten linear: ``LoraLinear``, a low-rank pair, a
     user's projection module): it holds a parameter or buffer of two or more dimensions and is no lookup table."""
-    if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+    if any(isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) for m in module.modules()):  # itself included
         return False
-    tensors = [*module.parameters(), *module.buffers()]
-    return any(t.dim() >= 2 for t in tensors) and not any(
-        isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) for m in module.modules())
+    return any(t.dim() >= 2 for t in (*module.parameters(), *module.buffers()))
 
 
 def save_nodes(gm: torch.fx.GraphModule, classes: Iterable[str]) -> set[torch.fx.Node]:

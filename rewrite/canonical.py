@@ -43,7 +43,7 @@ import torch._dynamo
 import torch.fx
 
 from .graph import depends_on_input_data
-from .patterns import find_attention
+from .patterns import DTYPE_CONVERSIONS, find_attention
 
 aten = torch.ops.aten
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -129,9 +129,6 @@ def evaluate_nodes(gm: torch.fx.GraphModule, nodes: Iterable[torch.fx.Node], inp
     return {node: interpreter.env.get(node) for node in wanted}
 
 
-_CONVERSIONS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
-
-
 def uncast_outputs(gm: torch.fx.GraphModule) -> int:
     """Return, in place of each graph output that is a dtype conversion which was a no-op at capture (its
     input already had that dtype, per export's ``meta["val"]``), the conversion's input. Exact at the capture
@@ -141,7 +138,7 @@ def uncast_outputs(gm: torch.fx.GraphModule) -> int:
 
     def replace(node: Any) -> Any:
         nonlocal changed
-        if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _CONVERSIONS):
+        if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in DTYPE_CONVERSIONS):
             return node
         source = node.args[0]
         value, before = node.meta.get("val"), getattr(source, "meta", {}).get("val")

@@ -26,6 +26,7 @@ from .graph import get_attr_value, module_path
 aten = torch.ops.aten
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
+DTYPE_CONVERSIONS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}  # x.to(dtype) in ATen form
 ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default}
 MM_FUNCTIONS = {torch.mm, aten.mm.default, torch.matmul, operator.matmul, aten.matmul.default}
 MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, aten.matmul.default, torch.bmm, aten.bmm.default}

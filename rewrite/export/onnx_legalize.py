@@ -237,21 +237,14 @@ def _castlike_to_cast(model: onnx.ModelProto) -> int:
 
 
 def _vector_axes(model: onnx.ModelProto) -> int:
-    """Give every ``Unsqueeze``/``Squeeze`` whose ``axes`` is a 0-d constant (an initializer, or a ``Constant``
-    node's ``value`` / ``value_int``) a 1-d one. The exporter writes ``x[:, :, None]`` (``repeat_kv``'s head expansion) with a scalar
-    axis; ORT's Unsqueeze accepts it, but the gradient builder reuses the same axes for the ``Squeeze`` of the
+    """Give every ``Unsqueeze``/``Squeeze`` whose ``axes`` is a 0-d constant (``_constants``: an initializer or
+    a ``Constant`` node) a 1-element vector instead. The exporter's translation of SDPA's ``enable_gqa``
+    (grouped key/value heads, e.g. inside ``remat``'s checkpointed Llama blocks) unsqueezes with a scalar axis;
+    ORT's Unsqueeze accepts it, but the gradient builder reuses the same axes for the ``Squeeze`` of the
     gradient, and Squeeze requires a vector (``An axes tensor must be a vector tensor`` at the first training
     step). Returns how many inputs changed."""
     graph = model.graph
-    scalars: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 0}
-    for node in graph.node:
-        if node.op_type != "Constant" or not node.attribute:
-            continue
-        attribute = node.attribute[0]
-        if attribute.name == "value" and len(attribute.t.dims) == 0:
-            scalars[node.output[0]] = numpy_helper.to_array(attribute.t)
-        elif attribute.name == "value_int":  # a scalar by definition
-            scalars[node.output[0]] = np.array(attribute.i, np.int64)
+    scalars = {name: value for name, value in _constants(model).items() if value.ndim == 0}
     vectors: dict[str, str] = {}
     count = 0
     for node in graph.node:
