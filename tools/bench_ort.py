@@ -49,6 +49,7 @@ def time_interleaved(steps: dict, warmup: int, measured: int) -> dict[str, tuple
             losses[name].append(step())
             if round_index >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
+    time_interleaved.last_times = times  # every measured step, for the JSON
     return {name: (statistics.median(times[name]), losses[name]) for name in steps}
 
 
@@ -61,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per backend")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per backend")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="unmeasured steps per backend first (ORT's memory arena reaches its size in two)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads for both backends")
     parser.add_argument("--no-speed-rewrites", action="store_true",
@@ -128,10 +130,12 @@ def main(argv: list[str] | None = None) -> int:
             measured[name] = ms
             tokens = args.batch * args.seq / (ms / 1e3)
             row = {"backend": name, "config": config, "ms_per_step": round(ms, 1), "tokens_per_s": round(tokens, 1),
-                   "losses": [round(v, 5) for v in losses]}
+                   "losses": [round(v, 5) for v in losses],
+                   "step_ms": [round(v, 1) for v in getattr(time_interleaved, "last_times", {}).get(name, [])]}
             rows.append(row)
             print(f"{name:24s} {config}: {ms:9.1f} ms/step (median)  {tokens:8.1f} tok/s  losses "
                   + " ".join(f"{v:.4f}" for v in losses), flush=True)
+            print(f"{'':24s} measured steps (ms): " + " ".join(f"{v:.0f}" for v in row["step_ms"]), flush=True)
         if len(measured) == 2:
             ratio = measured["ONNX Runtime training"] / measured["PyTorch eager"]
             rows.append({"backend": "ratio ORT/PyTorch", "config": config, "ratio": round(ratio, 3)})

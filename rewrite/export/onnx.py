@@ -13,7 +13,9 @@
    e. ``-inf`` constants → a large finite negative (``-inf`` masks train to NaN in ORT);
    e'. speed (``speed_rewrites``, exact up to float32 round-off): GPT-2's tanh GELU written as
        ``x·sigmoid(x·(c₁ + c₂x²))`` (ORT's fused ``FastGelu`` gradient is slow on CPU); ``SoftmaxCrossEntropyLoss``
-       split into ``GatherElements − ReduceLogSumExp`` (its CPU kernels are slow over a large vocabulary);
+       split into ``GatherElements − logsumexp``, the log-sum-exp in threaded elementwise ops (the fused op's and
+       ``ReduceLogSumExp``'s CPU kernels are slow over a large vocabulary); float32 ``LayerNormalization``
+       decomposed into elementwise ops and reductions (its CPU gradient kernel is single-threaded);
        attention's NaN guard ``Where(IsNaN(p), 0, p)`` dropped once no ``-inf`` is left;
    f. every parameter stays a trainable initializer named as in the module (``transformer.h.0.attn.c_attn.weight``);
       tied parameters are one initializer, named by their first module name;

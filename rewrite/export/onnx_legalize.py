@@ -72,7 +72,7 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     stats = {"ir_version_lowered": 0, "opset_converted": 0, "split_from_sequence": 0, "castlike_to_cast": 0,
              "gradient_outputs_named": 0, "neg_inf_constants": 0, "low_precision_ops_in_float32": 0,
              "tanh_gelu_as_sigmoid": 0, "nan_guards_dropped": 0, "cross_entropy_split": 0,
-             "layer_norm_bias_added": 0, "axes_made_vectors": 0}
+             "layer_norm_bias_added": 0, "axes_made_vectors": 0, "layer_norm_decomposed": 0}
     if _default_opset(model) > MAX_OPSET:
         converted = onnx.version_converter.convert_version(model, MAX_OPSET)
         model.CopyFrom(converted)
@@ -81,6 +81,8 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     stats["split_from_sequence"] = _sequences_to_split(model)
     stats["castlike_to_cast"] = _castlike_to_cast(model)
     stats["axes_made_vectors"] = _vector_axes(model)
+    if speed_rewrites and not inference:
+        stats["layer_norm_decomposed"] = _decompose_layer_norm(model)
     if not inference:
         stats["layer_norm_bias_added"] = _layer_norm_bias(model)
     if speed_rewrites:
@@ -450,7 +452,7 @@ def _tanh_gelu_as_sigmoid(model: onnx.ModelProto) -> int:
 
 def _split_cross_entropy(model: onnx.ModelProto) -> int:
     """``SoftmaxCrossEntropyLoss(scores[N, C], labels)`` → ``GatherElements(scores, labels) -
-    ReduceLogSumExp(scores)`` + a masked mean: ONNX Runtime's CPU kernels for the fused op and its gradient
+    logsumexp(scores)`` (``_log_sum_exp``) + a masked mean: ONNX Runtime's CPU kernels for the fused op and its gradient
     are slow over a 50k-word vocabulary (about the LM head matmul's time); the pieces are quicker."""
     graph = model.graph
     types = _value_types(model)
@@ -481,7 +483,7 @@ def _split_cross_entropy(model: onnx.ModelProto) -> int:
         axis = const("axis", np.array([1], np.int64))
         # log p[label] = score[label] - logsumexp(scores): the only [N, C]-sized gradient is softmax's, which
         # ORT builds from threaded elementwise ops (LogSoftmaxGrad is a single-threaded kernel)
-        made = [onnx.helper.make_node("ReduceLogSumExp", [scores, axis], [name("log_sum_exp")], keepdims=0)]
+        made = _log_sum_exp(scores, axis, name, const, scores_type.tensor_type.elem_type, _default_opset(model))
         keep = None
         if "ignore_index" in attrs:
             made += [onnx.helper.make_node("Equal", [labels, const("ignore", np.array(attrs["ignore_index"], np.int64))],
@@ -515,6 +517,102 @@ def _split_cross_entropy(model: onnx.ModelProto) -> int:
                          onnx.helper.make_node("Neg", [name("mean")], [base])]
         for new in made:
             new.name = new.name or f"{new.output[0]}__{new.op_type}"
+            new.metadata_props.extend(node.metadata_props)
+        nodes.extend(made)
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _reduce(op: str, data: str, axes: str, out: str, keepdims: int, opset: int,
+            constants: dict[str, np.ndarray] | None = None) -> onnx.NodeProto:
+    """``op(data)`` over the 1-d int64 constant ``axes``: an input from opset 18 on (13 for ReduceSum),
+    an attribute before (``constants`` must then hold its value)."""
+    if opset >= 18 or (op == "ReduceSum" and opset >= 13):
+        return onnx.helper.make_node(op, [data, axes], [out], keepdims=keepdims)
+    return onnx.helper.make_node(op, [data], [out], keepdims=keepdims, axes=[int(a) for a in constants[axes]])
+
+
+def _log_sum_exp(scores: str, axis: str, name, const, elem_type: int, opset: int) -> list[onnx.NodeProto]:
+    """``logsumexp(scores, axis 1)`` → ``name("log_sum_exp")`` [N] as ``m + log Σ exp(scores − m)`` with the
+    shift ``m`` the row maximum truncated to an integer through an int32 cast. ``ReduceLogSumExp`` is one
+    single-threaded pass over [N, C] (≈140 ms for GPT-2's 1024 × 50257 on 2 cores) and its gradient is three
+    more; here every [N, C] op is a threaded elementwise op or a fast reduction, and the gradient is two
+    (the broadcast of ΣExp's gradient and Exp's). The shift only has to keep ``exp`` in range (any ``m``
+    gives the same value, to round-off), so its gradient, which cancels exactly, is not built: ORT stops
+    at the integer tensor (it has no ReduceMax gradient). The clip keeps the cast defined for rows whose
+    maximum is ±inf or beyond int32 (their log-sum-exp is ±inf or NaN either way)."""
+    clip_min = const("shift_min", np.array(-1e9, onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    clip_max = const("shift_max", np.array(1e9, onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    constants = {axis: np.array([1], np.int64)}
+    return [_reduce("ReduceMax", scores, axis, name("row_max"), 1, opset, constants),
+            onnx.helper.make_node("Clip", [name("row_max"), clip_min, clip_max], [name("row_max_clipped")]),
+            onnx.helper.make_node("Cast", [name("row_max_clipped")], [name("shift_int")], to=onnx.TensorProto.INT32),
+            onnx.helper.make_node("Cast", [name("shift_int")], [name("shift")], to=elem_type),
+            onnx.helper.make_node("Sub", [scores, name("shift")], [name("shifted")]),
+            onnx.helper.make_node("Exp", [name("shifted")], [name("exp")]),
+            _reduce("ReduceSum", name("exp"), axis, name("sum_exp"), 1, opset, constants),
+            onnx.helper.make_node("Log", [name("sum_exp")], [name("log_sum_shifted")]),
+            onnx.helper.make_node("Add", [name("log_sum_shifted"), name("shift")], [name("log_sum_exp2d")]),
+            onnx.helper.make_node("Squeeze", [name("log_sum_exp2d"), axis], [name("log_sum_exp")])]
+
+
+def _decompose_layer_norm(model: onnx.ModelProto) -> int:
+    """float32 ``LayerNormalization(x, scale, bias)`` → ``(x − mean)·(var + ε)^-½·scale + bias`` in
+    ReduceMean / Sub / Mul / Sqrt / Reciprocal / Add. ONNX Runtime 1.19's ``LayerNormalizationGrad`` CPU
+    kernel is single-threaded Eigen with four temporaries (≈8 ms per GPT-2-small norm on 2 cores, where
+    PyTorch's takes <1); the gradients ORT builds for the pieces are threaded elementwise ops and fast
+    reductions (a 12-norm chain: 90 → 50 ms per step, forward and backward). Same arithmetic as the
+    kernel (mean, then the mean of squared deviations, in float32), so equal to round-off. Left alone:
+    other dtypes (the kernel computes low precision in float32), norms whose mean / inverse-std outputs are
+    read, and an axis that cannot be resolved without the input's rank. Returns how many were replaced."""
+    graph = model.graph
+    types = _value_types(model)
+    opset = _default_opset(model)
+    readers = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        x_type = types.get(node.input[0]) if node.op_type == "LayerNormalization" and node.input else None
+        if x_type is None or not x_type.HasField("tensor_type") or x_type.tensor_type.elem_type != onnx.TensorProto.FLOAT \
+                or any(o and o in readers for o in node.output[1:]) or len(node.input) < 2:
+            nodes.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis = int(attrs.get("axis", -1))
+        if axis >= 0:
+            rank = len(x_type.tensor_type.shape.dim) if x_type.tensor_type.HasField("shape") else None
+            if rank is None:
+                nodes.append(node)
+                continue
+            axis -= rank
+        base = f"{node.output[0]}__ln"
+        x, scale = node.input[0], node.input[1]
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+
+        def name(suffix: str, base: str = base) -> str:
+            return f"{base}_{suffix}"
+
+        axes = name("axes")
+        graph.initializer.extend([numpy_helper.from_array(np.arange(axis, 0, dtype=np.int64), axes),
+                                  numpy_helper.from_array(np.array(float(attrs.get("epsilon", 1e-5)), np.float32),
+                                                          name("eps"))])
+        constants = {axes: np.arange(axis, 0, dtype=np.int64)}
+        made = [_reduce("ReduceMean", x, axes, name("mean"), 1, opset, constants),
+                onnx.helper.make_node("Sub", [x, name("mean")], [name("centered")]),
+                onnx.helper.make_node("Mul", [name("centered"), name("centered")], [name("squared")]),
+                _reduce("ReduceMean", name("squared"), axes, name("var"), 1, opset, constants),
+                onnx.helper.make_node("Add", [name("var"), name("eps")], [name("var_eps")]),
+                onnx.helper.make_node("Sqrt", [name("var_eps")], [name("std")]),
+                onnx.helper.make_node("Reciprocal", [name("std")], [name("inv_std")]),
+                onnx.helper.make_node("Mul", [name("centered"), name("inv_std")], [name("normed")]),
+                onnx.helper.make_node("Mul", [name("normed"), scale], [name("scaled") if bias else node.output[0]])]
+        if bias:
+            made.append(onnx.helper.make_node("Add", [name("scaled"), bias], [node.output[0]]))
+        for new in made:
+            new.name = f"{new.output[0]}__{new.op_type}"
             new.metadata_props.extend(node.metadata_props)
         nodes.extend(made)
         count += 1
@@ -620,6 +718,8 @@ def check_trainable(model: onnx.ModelProto, trainable: Sequence[str], loss_outpu
     types = _value_types(model)
 
     non_float = {o for n in graph.node if n.op_type in _NON_FLOAT_OUTPUT_OPS for o in n.output}
+    non_float.update(n.output[0] for n in graph.node if n.op_type == "Cast" and n.output and any(
+        a.name == "to" and a.i not in FLOAT_TYPES for a in n.attribute))  # an integer cast carries no gradient
 
     def is_float(name: str) -> bool:
         value = types.get(name)
@@ -631,9 +731,9 @@ def check_trainable(model: onnx.ModelProto, trainable: Sequence[str], loss_outpu
     for node in graph.node:
         if any(name in forward for i, name in enumerate(node.input) if i not in NON_DIFFERENTIABLE_INPUTS.get(node.op_type, ())):
             forward.update(o for o in node.output if o and is_float(o))
-    to_loss = set(loss_outputs)  # tensors the loss depends on
+    to_loss = set(loss_outputs)  # tensors the loss depends on differentiably (not through integer tensors)
     for node in reversed(graph.node):
-        if any(o in to_loss for o in node.output):
+        if any(o in to_loss and is_float(o) for o in node.output):
             to_loss.update(node.input)
     blocking = [n for n in graph.node if n.op_type not in ORT_GRADIENT_OPS
                 and any(o in forward and o in to_loss for o in n.output)]

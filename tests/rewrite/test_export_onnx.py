@@ -89,9 +89,10 @@ def test_artifacts_are_legal_for_ort_training(exported):
         np.testing.assert_array_equal(state[name], module_state[name].detach().numpy())
     legalisation = manifest["legalisation"]
     assert legalisation["cross_entropy_split"] == 1 and "SoftmaxCrossEntropyLoss" not in ops
+    assert not {"ReduceLogSumExp", "LayerNormalization"} & set(ops)  # the speed rewrites' slow kernels
     if arch == "gpt2":
         assert legalisation["split_from_sequence"] == 2 and legalisation["tanh_gelu_as_sigmoid"] == 2
-        assert "Tanh" not in ops
+        assert legalisation["layer_norm_decomposed"] == 5 and "Tanh" not in ops
 
 
 def test_eval_matches_module(exported, tmp_path):
@@ -327,8 +328,14 @@ def test_other_architectures_export_and_train(model_type, tmp_path):
     losses = [trainer.step(dict(spec.kwargs)) for _ in range(4)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     if model_type == "olmo":
-        assert trainer.manifest["legalisation"]["layer_norm_bias_added"] > 0
-        _assert_same_curve(losses, _torch_losses(result.program, 4))
+        torch_losses = _torch_losses(result.program, 4)
+        assert trainer.manifest["legalisation"]["layer_norm_decomposed"] > 0
+        _assert_same_curve(losses, torch_losses)
+        # without the speed rewrites the norms stay LayerNormalization and get their constant scale/bias
+        export_training_artifacts(result.program, tmp_path / "plain", speed_rewrites=False, **OPTIMIZER)
+        plain = OrtTrainer(tmp_path / "plain")
+        assert plain.manifest["legalisation"]["layer_norm_bias_added"] > 0
+        _assert_same_curve([plain.step(dict(spec.kwargs)) for _ in range(4)], torch_losses)
 
 
 class _ComplexRotary(torch.nn.Module):
@@ -348,3 +355,59 @@ def test_complex_numbers_are_refused_by_name(tmp_path):
     with pytest.raises(ExportError, match="view_as_complex .*complex numbers"):
         export_training_artifacts(result.program, tmp_path / "artifacts")
     assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize("ignore_index", [None, -100])
+def test_split_cross_entropy_equals_the_fused_loss_at_extreme_scores(ignore_index):
+    """The split loss (gathered score − log-sum-exp with an integer-truncated row maximum as shift) equals
+    PyTorch's cross-entropy for scores far from zero, with -1e9-masked columns, and with ignored labels."""
+    from effcompile.export.onnx_legalize import _split_cross_entropy
+
+    scores = torch.randn(6, 50, dtype=torch.float32) * 30
+    scores[0] += 5e3
+    scores[1] -= 5e3
+    scores[2, :40] = -1e9
+    labels = torch.randint(0, 40, (6,))
+    if ignore_index is not None:
+        labels[3] = ignore_index
+    attrs = {"reduction": "mean"} | ({"ignore_index": ignore_index} if ignore_index is not None else {})
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("SoftmaxCrossEntropyLoss", ["s", "y"], ["loss"], **attrs)], "g",
+        [onnx.helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, [6, 50]),
+         onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [6])],
+        [onnx.helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    assert _split_cross_entropy(model) == 1
+    ops = {n.op_type for n in model.graph.node}
+    assert "SoftmaxCrossEntropyLoss" not in ops and "ReduceLogSumExp" not in ops and "ReduceMax" in ops
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (loss,) = session.run(None, {"s": scores.numpy(), "y": labels.numpy()})
+    expected = torch.nn.functional.cross_entropy(scores.double(), labels, ignore_index=ignore_index or -100)
+    np.testing.assert_allclose(loss, float(expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [-1, -2, 1])
+def test_decomposed_layer_norm_equals_the_op(axis):
+    """float32 LayerNormalization → elementwise ops and reductions over the same trailing axes, equal to
+    PyTorch's layer_norm to round-off; with and without a bias."""
+    from effcompile.export.onnx_legalize import _decompose_layer_norm
+
+    x = torch.randn(2, 5, 7, 8) * 3 + 1
+    shape = {-1: [8], -2: [7, 8], 1: [5, 7, 8]}[axis]
+    for bias in (True, False):
+        weight, offset = torch.randn(shape), torch.randn(shape)
+        inputs = ["x", "w", "b"] if bias else ["x", "w"]
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("LayerNormalization", inputs, ["y"], axis=axis, epsilon=1e-3)], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(x.shape))],
+            [onnx.numpy_helper.from_array(weight.numpy(), "w"), onnx.numpy_helper.from_array(offset.numpy(), "b")])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        assert _decompose_layer_norm(model) == 1
+        assert "LayerNormalization" not in {n.op_type for n in model.graph.node}
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        (y,) = session.run(None, {"x": x.numpy()})
+        expected = torch.nn.functional.layer_norm(x, shape, weight, offset if bias else None, eps=1e-3)
+        np.testing.assert_allclose(y, expected.numpy(), rtol=1e-5, atol=1e-5)
