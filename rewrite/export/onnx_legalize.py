@@ -72,7 +72,8 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     stats = {"ir_version_lowered": 0, "opset_converted": 0, "split_from_sequence": 0, "castlike_to_cast": 0,
              "gradient_outputs_named": 0, "neg_inf_constants": 0, "low_precision_ops_in_float32": 0,
              "tanh_gelu_as_sigmoid": 0, "nan_guards_dropped": 0, "cross_entropy_split": 0,
-             "layer_norm_bias_added": 0, "axes_made_vectors": 0, "layer_norm_decomposed": 0}
+             "layer_norm_bias_added": 0, "axes_made_vectors": 0, "layer_norm_decomposed": 0,
+             "embedding_gathers_as_elements": 0}
     if _default_opset(model) > MAX_OPSET:
         converted = onnx.version_converter.convert_version(model, MAX_OPSET)
         model.CopyFrom(converted)
@@ -83,6 +84,7 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     stats["axes_made_vectors"] = _vector_axes(model)
     if speed_rewrites and not inference:
         stats["layer_norm_decomposed"] = _decompose_layer_norm(model)
+        stats["embedding_gathers_as_elements"] = _gather_rows_as_elements(model)
     if not inference:
         stats["layer_norm_bias_added"] = _layer_norm_bias(model)
     if speed_rewrites:
@@ -611,6 +613,43 @@ def _decompose_layer_norm(model: onnx.ModelProto) -> int:
                 onnx.helper.make_node("Mul", [name("normed"), scale], [name("scaled") if bias else node.output[0]])]
         if bias:
             made.append(onnx.helper.make_node("Add", [name("scaled"), bias], [node.output[0]]))
+        for new in made:
+            new.name = f"{new.output[0]}__{new.op_type}"
+            new.metadata_props.extend(node.metadata_props)
+        nodes.extend(made)
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+def _gather_rows_as_elements(model: onnx.ModelProto) -> int:
+    """``Gather(table[V, D], ids, axis=0)`` of a float initializer (an embedding lookup) →
+    ``GatherElements(table, Expand(ids[n, 1], [1, D]), axis=0)`` reshaped to ``ids.shape + [D]``: the same
+    rows, but ORT builds the table's gradient with ``GatherElementsGrad`` (≈24 ms for GPT-2's 50257 × 768
+    table and 1024 ids on 2 cores) instead of ``GatherGrad`` (≈96 ms, single-threaded). Exact (a repeated
+    id's rows are summed in another order: round-off). Returns how many lookups changed."""
+    graph = model.graph
+    tables = {i.name: i for i in graph.initializer if len(i.dims) == 2 and i.data_type in FLOAT_TYPES}
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or node.input[0] not in tables or axis != 0:
+            nodes.append(node)
+            continue
+        base = f"{node.output[0]}__rows"
+        width = tables[node.input[0]].dims[1]
+        graph.initializer.extend([numpy_helper.from_array(np.array([-1, 1], np.int64), f"{base}_column"),
+                                  numpy_helper.from_array(np.array([1, width], np.int64), f"{base}_row"),
+                                  numpy_helper.from_array(np.array([width], np.int64), f"{base}_width")])
+        made = [onnx.helper.make_node("Reshape", [node.input[1], f"{base}_column"], [f"{base}_ids"]),
+                onnx.helper.make_node("Expand", [f"{base}_ids", f"{base}_row"], [f"{base}_index"]),
+                onnx.helper.make_node("GatherElements", [node.input[0], f"{base}_index"], [f"{base}_flat"], axis=0),
+                onnx.helper.make_node("Shape", [node.input[1]], [f"{base}_ids_shape"]),
+                onnx.helper.make_node("Concat", [f"{base}_ids_shape", f"{base}_width"], [f"{base}_shape"], axis=0),
+                onnx.helper.make_node("Reshape", [f"{base}_flat", f"{base}_shape"], [node.output[0]])]
         for new in made:
             new.name = f"{new.output[0]}__{new.op_type}"
             new.metadata_props.extend(node.metadata_props)

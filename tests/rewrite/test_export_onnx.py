@@ -93,6 +93,7 @@ def test_artifacts_are_legal_for_ort_training(exported):
     if arch == "gpt2":
         assert legalisation["split_from_sequence"] == 2 and legalisation["tanh_gelu_as_sigmoid"] == 2
         assert legalisation["layer_norm_decomposed"] == 5 and "Tanh" not in ops
+        assert legalisation["embedding_gathers_as_elements"] == 2  # token and position embeddings
 
 
 def test_eval_matches_module(exported, tmp_path):
