@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def profile_steps(folder: Path, torch_step, feeds: list, threads: int) -> dict[str, dict[str, float]]:
     """Profiled steps of each backend: milliseconds per step by op (ONNX op type / ATen op), largest first
-    (ORT: the mean of 3 steps of a fresh training session; PyTorch: one step)."""
+    (ORT: the mean of steps 3–5 of a fresh training session; PyTorch: one step after the measured ones)."""
     import collections
     import gc
     import glob
@@ -177,24 +177,29 @@ def profile_steps(folder: Path, torch_step, feeds: list, threads: int) -> dict[s
     optimizer = Optimizer(str(folder / "onnx" / "optimizer_model.onnx"), module)
     module.train()
     arrays = [f.numpy() if isinstance(f, torch.Tensor) else f for f in feeds]
-    for _ in range(3):  # the first step pays for the session's set-up: it is subtracted below
+    steps, kept = 5, 3  # the first two fill ONNX Runtime's memory arena (page faults): only the last three count
+    for _ in range(steps):
         module(*arrays)
         optimizer.step()
         module.lazy_reset_grad()
     del optimizer, module, state  # the profile is written when the session is released
     gc.collect()
-    ort: collections.Counter = collections.Counter()
+    durations: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     decoder = json.JSONDecoder()
     for path in glob.glob(str(folder / "ort_profile*.json")):
         text, position = Path(path).read_text(), 0
-        while position < len(text):  # the training and evaluation sessions can write one file each or share one
+        while position < len(text):  # the training and optimizer sessions can write one file each or share one
             if text[position].isspace():
                 position += 1
                 continue
             events, position = decoder.raw_decode(text, position)
             for event in events if isinstance(events, list) else []:
                 if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-                    ort[event["args"].get("op_name", "?")] += event["dur"] / 3e3  # µs, 3 steps → ms per step
+                    durations[(event["name"], event["args"].get("op_name", "?"))].append(event["dur"] / 1e3)
+    ort: collections.Counter = collections.Counter()
+    for (_, op), values in durations.items():  # a node runs the same number of times each step
+        runs = max(1, len(values) // steps)
+        ort[op] += sum(values[(steps - kept) * runs:]) / kept
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
