@@ -26,7 +26,8 @@
    every trainable parameter reaches the loss; name the ops (with their module path) and the parameters.
 4. ``generate_artifacts`` with ``requires_grad`` = trainable parameters, ``frozen_params`` = the others
    (e.g. the base after ``lora``), ``loss=None`` (the loss is inside the graph) or a built-in loss when the
-   program has none, AdamW in PyTorch's mode (``adam_mode=0``) with the hyper-parameters given.
+   program has none, AdamW in PyTorch's mode (``adam_mode=0``) with the hyper-parameters given; then (speed)
+   the training graph's gradient ``Sum`` nodes become chains of threaded ``Add`` (``sums_as_adds``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from .onnx_legalize import (
     _node_where,
     check_trainable,
     legalize_for_training,
+    sums_as_adds,
 )
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,8 @@ def _export_training_artifacts(program: Program, folder: Path, lr: float, weight
     if loss_kind != "model":  # the built-in loss adds its target input (``labels`` / ``target``)
         info.input_names = _user_inputs(folder / "training_model.onnx", trainable + frozen)
     _set_pytorch_adamw(folder / "optimizer_model.onnx")
+    if speed_rewrites:
+        info.legalisation["training_sums_as_adds"] = _rewrite_saved(folder / "training_model.onnx", sums_as_adds)
     manifest = asdict(info)
     if inference is not None:
         manifest["inference"] = inference
@@ -479,6 +483,16 @@ def _set_pytorch_adamw(path: Path) -> None:
                 if attribute.name == "adam_mode":
                     attribute.i = 0
     onnx.save(model, str(path))
+
+
+def _rewrite_saved(path: Path, rewrite: Any) -> int:
+    """Apply ``rewrite(model) -> count`` to the saved model at ``path`` (its external data, if any, stays
+    where it is) and save it back when it changed something. Returns the count."""
+    model = onnx.load(str(path), load_external_data=False)
+    count = rewrite(model)
+    if count:
+        onnx.save(model, str(path))
+    return count
 
 
 def _user_inputs(path: Path, parameters: list[str]) -> list[str]:

@@ -661,6 +661,32 @@ def _gather_rows_as_elements(model: onnx.ModelProto) -> int:
     return count
 
 
+def sums_as_adds(model: onnx.ModelProto) -> int:
+    """Each variadic ``Sum(a, b, c…)`` → ``Add(Add(a, b), c)…``, in the same order (bit-identical). Meant for
+    the training graph ``generate_artifacts`` writes: ORT's gradient builder sums a tensor's gradient
+    contributions with ``Sum``, whose CPU kernel is single-threaded (175 ms of GPT-2 small's step at 2 threads
+    and still 175 at 8), where ``Add`` is threaded (1.6–1.8× quicker at 2 threads). Returns how many."""
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in model.graph.node:
+        inputs = [name for name in node.input if name]
+        if node.op_type != "Sum" or node.domain not in ("", "ai.onnx") or len(inputs) < 2:
+            nodes.append(node)
+            continue
+        total = inputs[0]
+        for index, term in enumerate(inputs[1:], start=1):
+            out = node.output[0] if index == len(inputs) - 1 else f"{node.output[0]}__sum{index}"
+            add = onnx.helper.make_node("Add", [total, term], [out], name=f"{node.name or out}__add{index}")
+            add.metadata_props.extend(node.metadata_props)
+            nodes.append(add)
+            total = out
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return count
+
+
 def _drop_nan_guards(model: onnx.ModelProto) -> int:
     """``Where(IsNaN(p), 0, p)`` after attention's softmax only catches rows masked entirely with ``-inf``;
     once masks are finite (``_finite_masks``) no such row exists: read ``p`` directly (two passes fewer

@@ -89,7 +89,8 @@ def test_artifacts_are_legal_for_ort_training(exported):
         np.testing.assert_array_equal(state[name], module_state[name].detach().numpy())
     legalisation = manifest["legalisation"]
     assert legalisation["cross_entropy_split"] == 1 and "SoftmaxCrossEntropyLoss" not in ops
-    assert not {"ReduceLogSumExp", "LayerNormalization"} & set(ops)  # the speed rewrites' slow kernels
+    assert not {"ReduceLogSumExp", "LayerNormalization", "Sum"} & set(ops)  # the speed rewrites' slow kernels
+    assert legalisation["training_sums_as_adds"] > 0
     if arch == "gpt2":
         assert legalisation["split_from_sequence"] == 2 and legalisation["tanh_gelu_as_sigmoid"] == 2
         assert legalisation["layer_norm_decomposed"] == 5 and "Tanh" not in ops
