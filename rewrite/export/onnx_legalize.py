@@ -459,17 +459,15 @@ def _split_cross_entropy(model: onnx.ModelProto) -> int:
     graph = model.graph
     types = _value_types(model)
     readers = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    nodes: list[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
+
+    def build(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         scores_type = types.get(node.input[0]) if node.input else None
         rank = len(scores_type.tensor_type.shape.dim) if scores_type is not None and \
             scores_type.HasField("tensor_type") and scores_type.tensor_type.HasField("shape") else None
         if node.op_type != "SoftmaxCrossEntropyLoss" or (len(node.input) > 2 and node.input[2]) or rank != 2 \
                 or any(o in readers for o in node.output[1:]):
-            nodes.append(node)
-            continue
+            return None
         base = node.output[0]
         reduction = attrs.get("reduction", b"mean")
         reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
@@ -517,14 +515,30 @@ def _split_cross_entropy(model: onnx.ModelProto) -> int:
             else:
                 made += [onnx.helper.make_node("ReduceMean", [picked], [name("mean")], keepdims=0),
                          onnx.helper.make_node("Neg", [name("mean")], [base])]
+        return made
+
+    return _replace_nodes(model, build)
+
+
+def _replace_nodes(model: onnx.ModelProto, build) -> int:
+    """Replace each node for which ``build(node)`` returns a list of nodes by that list (``None``: keep the
+    node). New nodes without a name get ``<first output>__<op>``, and each takes the replaced node's
+    metadata (its module path). Returns how many nodes were replaced."""
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in list(model.graph.node):
+        made = build(node)
+        if made is None:
+            nodes.append(node)
+            continue
         for new in made:
             new.name = new.name or f"{new.output[0]}__{new.op_type}"
             new.metadata_props.extend(node.metadata_props)
         nodes.extend(made)
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
     return count
 
 
@@ -574,21 +588,18 @@ def _decompose_layer_norm(model: onnx.ModelProto) -> int:
     types = _value_types(model)
     opset = _default_opset(model)
     readers = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    nodes: list[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
+
+    def build(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         x_type = types.get(node.input[0]) if node.op_type == "LayerNormalization" and node.input else None
         if x_type is None or not x_type.HasField("tensor_type") or x_type.tensor_type.elem_type != onnx.TensorProto.FLOAT \
                 or any(o and o in readers for o in node.output[1:]) or len(node.input) < 2:
-            nodes.append(node)
-            continue
+            return None
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         axis = int(attrs.get("axis", -1))
         if axis >= 0:
             rank = len(x_type.tensor_type.shape.dim) if x_type.tensor_type.HasField("shape") else None
             if rank is None:
-                nodes.append(node)
-                continue
+                return None
             axis -= rank
         base = f"{node.output[0]}__ln"
         x, scale = node.input[0], node.input[1]
@@ -613,15 +624,9 @@ def _decompose_layer_norm(model: onnx.ModelProto) -> int:
                 onnx.helper.make_node("Mul", [name("normed"), scale], [name("scaled") if bias else node.output[0]])]
         if bias:
             made.append(onnx.helper.make_node("Add", [name("scaled"), bias], [node.output[0]]))
-        for new in made:
-            new.name = f"{new.output[0]}__{new.op_type}"
-            new.metadata_props.extend(node.metadata_props)
-        nodes.extend(made)
-        count += 1
-    if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return count
+        return made
+
+    return _replace_nodes(model, build)
 
 
 def _gather_rows_as_elements(model: onnx.ModelProto) -> int:
@@ -632,33 +637,24 @@ def _gather_rows_as_elements(model: onnx.ModelProto) -> int:
     id's rows are summed in another order: round-off). Returns how many lookups changed."""
     graph = model.graph
     tables = {i.name: i for i in graph.initializer if len(i.dims) == 2 and i.data_type in FLOAT_TYPES}
-    nodes: list[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
+
+    def build(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
         if node.op_type != "Gather" or node.input[0] not in tables or axis != 0:
-            nodes.append(node)
-            continue
+            return None
         base = f"{node.output[0]}__rows"
         width = tables[node.input[0]].dims[1]
         graph.initializer.extend([numpy_helper.from_array(np.array([-1, 1], np.int64), f"{base}_column"),
                                   numpy_helper.from_array(np.array([1, width], np.int64), f"{base}_row"),
                                   numpy_helper.from_array(np.array([width], np.int64), f"{base}_width")])
-        made = [onnx.helper.make_node("Reshape", [node.input[1], f"{base}_column"], [f"{base}_ids"]),
+        return [onnx.helper.make_node("Reshape", [node.input[1], f"{base}_column"], [f"{base}_ids"]),
                 onnx.helper.make_node("Expand", [f"{base}_ids", f"{base}_row"], [f"{base}_index"]),
                 onnx.helper.make_node("GatherElements", [node.input[0], f"{base}_index"], [f"{base}_flat"], axis=0),
                 onnx.helper.make_node("Shape", [node.input[1]], [f"{base}_ids_shape"]),
                 onnx.helper.make_node("Concat", [f"{base}_ids_shape", f"{base}_width"], [f"{base}_shape"], axis=0),
                 onnx.helper.make_node("Reshape", [f"{base}_flat", f"{base}_shape"], [node.output[0]])]
-        for new in made:
-            new.name = f"{new.output[0]}__{new.op_type}"
-            new.metadata_props.extend(node.metadata_props)
-        nodes.extend(made)
-        count += 1
-    if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return count
+
+    return _replace_nodes(model, build)
 
 
 def sums_as_adds(model: onnx.ModelProto) -> int:
@@ -666,25 +662,19 @@ def sums_as_adds(model: onnx.ModelProto) -> int:
     the training graph ``generate_artifacts`` writes: ORT's gradient builder sums a tensor's gradient
     contributions with ``Sum``, whose CPU kernel is single-threaded (175 ms of GPT-2 small's step at 2 threads
     and still 175 at 8), where ``Add`` is threaded (1.6–1.8× quicker at 2 threads). Returns how many."""
-    nodes: list[onnx.NodeProto] = []
-    count = 0
-    for node in model.graph.node:
+
+    def build(node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
         inputs = [name for name in node.input if name]
         if node.op_type != "Sum" or node.domain not in ("", "ai.onnx") or len(inputs) < 2:
-            nodes.append(node)
-            continue
-        total = inputs[0]
+            return None
+        adds, total = [], inputs[0]
         for index, term in enumerate(inputs[1:], start=1):
             out = node.output[0] if index == len(inputs) - 1 else f"{node.output[0]}__sum{index}"
-            add = onnx.helper.make_node("Add", [total, term], [out], name=f"{node.name or out}__add{index}")
-            add.metadata_props.extend(node.metadata_props)
-            nodes.append(add)
+            adds.append(onnx.helper.make_node("Add", [total, term], [out], name=f"{node.name or out}__add{index}"))
             total = out
-        count += 1
-    if count:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-    return count
+        return adds
+
+    return _replace_nodes(model, build)
 
 
 def _drop_nan_guards(model: onnx.ModelProto) -> int:
