@@ -72,7 +72,7 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     stats = {"ir_version_lowered": 0, "opset_converted": 0, "split_from_sequence": 0, "castlike_to_cast": 0,
              "gradient_outputs_named": 0, "neg_inf_constants": 0, "low_precision_ops_in_float32": 0,
              "tanh_gelu_as_sigmoid": 0, "nan_guards_dropped": 0, "cross_entropy_split": 0,
-             "layer_norm_bias_added": 0, "axes_made_vectors": 0, "layer_norm_decomposed": 0,
+             "layer_norm_bias_added": 0, "axes_made_vectors": 0, "layer_norm_decomposed": 0, "redundant_casts_dropped": 0,
              "embedding_gathers_as_elements": 0}
     if _default_opset(model) > MAX_OPSET:
         converted = onnx.version_converter.convert_version(model, MAX_OPSET)
@@ -82,6 +82,7 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
     stats["split_from_sequence"] = _sequences_to_split(model)
     stats["castlike_to_cast"] = _castlike_to_cast(model)
     stats["axes_made_vectors"] = _vector_axes(model)
+    stats["redundant_casts_dropped"] = _redundant_casts(model)
     if speed_rewrites and not inference:
         stats["layer_norm_decomposed"] = _decompose_layer_norm(model)
         stats["embedding_gathers_as_elements"] = _gather_rows_as_elements(model)
@@ -97,6 +98,7 @@ def legalize_for_training(model: onnx.ModelProto, inference: bool = False,
         stats["nan_guards_dropped"] = _drop_nan_guards(model)
     if low_precision_in_float32:
         stats["low_precision_ops_in_float32"] = _low_precision_in_float32(model)
+        stats["redundant_casts_dropped"] += _redundant_casts(model)
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
         stats["ir_version_lowered"] = 1
@@ -238,6 +240,45 @@ def _castlike_to_cast(model: onnx.ModelProto) -> int:
         node.attribute.append(onnx.helper.make_attribute("to", to))
         count += 1
     return count
+
+
+def _redundant_casts(model: onnx.ModelProto) -> int:
+    """Drop each ``Cast`` whose input already has the target type, and merge ``Cast``s of one tensor to one
+    type into the first; readers take the surviving tensor. Exact. They come from the exporter (a
+    ``float32 → float32`` ``_to_copy``) and from ``_low_precision_in_float32``, which gives a bf16 tensor one
+    float32 copy that the graph's own upcasts then read. ONNX Runtime 1.19's ``FastGeluFusion`` (run by
+    ``generate_artifacts``) crashes the process on a tanh GELU whose ``x`` arrives through two such casts
+    (Phi after ``amp``), and ``_tanh_gelu_as_sigmoid`` needs one ``x`` to match. Casts that are graph
+    outputs stay; so does everything when a node holds a subgraph. Returns how many casts went."""
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0
+    known = {name: t.tensor_type.elem_type for name, t in _value_types(model).items()
+             if t.HasField("tensor_type") and t.tensor_type.elem_type}
+    outputs = {o.name for o in graph.output}
+    renamed: dict[str, str] = {}
+    first: dict[tuple[str, int], str] = {}
+    kept: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            node.input[index] = renamed.get(name, name)
+        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        if to is None or not node.input or node.output[0] in outputs:
+            kept.append(node)
+            continue
+        source = node.input[0]
+        if known.get(source) == to:
+            renamed[node.output[0]] = source
+        elif (source, to) in first:
+            renamed[node.output[0]] = first[(source, to)]
+        else:
+            first[(source, to)] = node.output[0]
+            known[node.output[0]] = to
+            kept.append(node)
+    if renamed:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return len(renamed)
 
 
 def _vector_axes(model: onnx.ModelProto) -> int:

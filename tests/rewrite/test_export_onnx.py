@@ -285,6 +285,25 @@ def test_after_amp_casts_are_exported_and_train(tmp_path):
     assert ort_losses[-1] < ort_losses[0]
 
 
+@pytest.mark.parametrize("speed_rewrites", [True, False])
+def test_phi_after_amp_exports_and_trains(tmp_path, speed_rewrites):
+    """Phi's tanh GELU after ``amp`` reads its input through two float32 → float32 casts; ONNX Runtime's
+    FastGeluFusion crashed the whole process on it inside generate_artifacts. Redundant casts are dropped
+    first: the export succeeds, with or without the speed rewrites, and trains like PyTorch."""
+    from effcompile.spec import load_hf_spec
+
+    from conftest import generic_tiny_overrides
+
+    spec = load_hf_spec("phi", generic_tiny_overrides("phi"), batch=2, seq=16)
+    program = _compile(spec, ["amp"], {"amp": {"compare_autocast": False}})
+    export_training_artifacts(program, tmp_path, speed_rewrites=speed_rewrites, **OPTIMIZER)
+    trainer = OrtTrainer(tmp_path)
+    assert trainer.manifest["legalisation"]["redundant_casts_dropped"] > 0
+    ort_losses = [trainer.step(program.flat_inputs()) for _ in range(4)]
+    np.testing.assert_allclose(ort_losses, _torch_losses(program, 4), rtol=2e-2)
+    assert ort_losses[-1] < ort_losses[0]
+
+
 @pytest.mark.skipif(not _HAVE["remat"], reason="passes/remat.py not present")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_after_remat_training_matches(tmp_path, arch):
