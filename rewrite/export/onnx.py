@@ -166,9 +166,8 @@ def _export_training_artifacts(program: Program, folder: Path, lr: float, weight
                       location="model.onnx.data")
             model_arg = str(path)
         try:
-            with _quiet_native_stderr():  # the gradient builder logs every graph transformer at INFO level
-                artifacts.generate_artifacts(model_arg, requires_grad=trainable, frozen_params=frozen,
-                                             loss=builtin_loss, optimizer=optimizer, artifact_directory=str(folder))
+            _generate_artifacts_guarded(model_arg, requires_grad=trainable, frozen_params=frozen,
+                                        loss=builtin_loss, optimizer=optimizer, artifact_directory=str(folder))
         except Exception as error:  # ORT raises RuntimeError/Fail with C++ text: name what broke
             raise ExportError(f"onnx export: onnxruntime generate_artifacts failed: {_first_line(error)}; "
                               f"{_explain_ort_error(error, model, program.gm)}") from error
@@ -462,7 +461,10 @@ def _explain_ort_error(error: Exception, model: onnx.ModelProto, gm: torch.fx.Gr
         return f"op {op} at {where} has no gradient in ONNX Runtime; rewrite it with differentiable ops"
     if "unreachable" in text:
         return "a parameter cannot reach the loss; check the ops between it and the loss"
-    return "see the ONNX Runtime message above"
+    if "crashed" in text:
+        return ("a bug in ONNX Runtime's gradient builder on this graph: export without the pass that made the "
+                "failing ops, or with speed_rewrites=False")
+    return "rerun with --debug for ONNX Runtime's log"
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -517,6 +519,49 @@ def _initializer_bytes(model: onnx.ModelProto) -> int:
         count = int(np.prod(initializer.dims)) if initializer.dims else 1
         total += count * onnx.helper.tensor_dtype_to_np_dtype(initializer.data_type).itemsize
     return total
+
+
+def _generate_artifacts_guarded(model: onnx.ModelProto | str, **kwargs: Any) -> None:
+    """``onnxruntime.training.artifacts.generate_artifacts(model, **kwargs)`` in a forked child process (where
+    the platform forks), with native stderr quieted: a crash inside ORT's gradient builder or its graph
+    transformers (a segfault, as ``FastGeluFusion`` gave on Phi after ``amp``) then raises RuntimeError here,
+    naming the signal, instead of killing the caller; a Python error in the child is raised again here."""
+    import multiprocessing
+
+    from onnxruntime.training import artifacts
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        with _quiet_native_stderr():  # the gradient builder logs every graph transformer at INFO level
+            artifacts.generate_artifacts(model, **kwargs)
+        return
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            with _quiet_native_stderr():
+                artifacts.generate_artifacts(model, **kwargs)
+            writer.send(None)
+        except BaseException as error:  # noqa: BLE001 - every failure goes back to the parent
+            writer.send(f"{type(error).__name__}: {error}")
+        finally:
+            writer.close()
+
+    process = context.Process(target=child, daemon=True)
+    process.start()
+    writer.close()
+    try:
+        message, finished = reader.recv(), True  # None: done; text: the child's error
+    except EOFError:  # the child died before it could answer
+        message, finished = None, False
+    process.join()
+    reader.close()
+    if message is not None:
+        raise RuntimeError(message)
+    if not finished or process.exitcode != 0:
+        code = process.exitcode or 0
+        what = f"signal {-code}" if code < 0 else f"exit status {code}"
+        raise RuntimeError(f"onnxruntime crashed ({what}) while building the training graph")
 
 
 @contextlib.contextmanager

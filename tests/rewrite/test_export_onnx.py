@@ -432,3 +432,18 @@ def test_decomposed_layer_norm_equals_the_op(axis):
         (y,) = session.run(None, {"x": x.numpy()})
         expected = torch.nn.functional.layer_norm(x, shape, weight, offset if bias else None, eps=1e-3)
         np.testing.assert_allclose(y, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="the guard needs fork")
+def test_a_native_crash_in_generate_artifacts_is_an_export_error(tmp_path, monkeypatch):
+    """A segfault inside ONNX Runtime's artifact generation (a bug of ORT's on some graphs) raises a one-line
+    ExportError naming the signal, and leaves no output folder, instead of killing the process."""
+    import ctypes
+
+    from onnxruntime.training import artifacts
+
+    monkeypatch.setattr(artifacts, "generate_artifacts", lambda *args, **kwargs: ctypes.string_at(0))
+    program = _compile(tiny_spec("gpt2"))
+    with pytest.raises(ExportError, match=r"crashed \(signal 11\)"):
+        export_training_artifacts(program, tmp_path / "out", **OPTIMIZER)
+    assert not (tmp_path / "out").exists()
