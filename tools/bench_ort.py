@@ -38,9 +38,10 @@ def build_program(layers: int, width: int, heads: int, vocab: int, batch: int, s
     return spec, result.program
 
 
-def time_interleaved(steps: dict, warmup: int, measured: int) -> dict[str, tuple[float, list[float]]]:
+def time_interleaved(steps: dict, warmup: int, measured: int) -> dict[str, tuple[float, list[float], list[float]]]:
     """Run each backend's ``step()`` in turn, ``warmup`` then ``measured`` rounds, alternating backends every
-    step so that load from other processes hits both alike. Returns {name: (median ms/step, losses)}."""
+    step so that load from other processes hits both alike. Returns {name: (median ms/step, losses, the
+    measured steps' ms)}."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(warmup + measured):
@@ -49,8 +50,7 @@ def time_interleaved(steps: dict, warmup: int, measured: int) -> dict[str, tuple
             losses[name].append(step())
             if round_index >= warmup:
                 times[name].append((time.perf_counter() - start) * 1e3)
-    time_interleaved.last_times = times  # every measured step, for the JSON
-    return {name: (statistics.median(times[name]), losses[name]) for name in steps}
+    return {name: (statistics.median(times[name]), losses[name], times[name]) for name in steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                     results.update(time_interleaved({name: step}, args.warmup, args.steps))
                 except Exception as single:
                     print(f"{name:24s} {config}: FAILED {type(single).__name__}: {single}", flush=True)
-        for name, (ms, losses) in results.items():
+        for name, (ms, losses, step_ms) in results.items():
             measured[name] = ms
             tokens = args.batch * args.seq / (ms / 1e3)
             row = {"backend": name, "config": config, "ms_per_step": round(ms, 1), "tokens_per_s": round(tokens, 1),
                    "losses": [round(v, 5) for v in losses],
-                   "step_ms": [round(v, 1) for v in getattr(time_interleaved, "last_times", {}).get(name, [])]}
+                   "step_ms": [round(v, 1) for v in step_ms]}
             rows.append(row)
             print(f"{name:24s} {config}: {ms:9.1f} ms/step (median)  {tokens:8.1f} tok/s  losses "
                   + " ".join(f"{v:.4f}" for v in losses), flush=True)
@@ -157,9 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def profile_steps(folder: Path, torch_step, feeds: list, threads: int) -> dict[str, dict[str, float]]:
-    """Profiled steps of each backend: milliseconds per step by op (ONNX op type / ATen op), largest first
-    (ORT: the mean of steps 3–5 of a fresh training session; PyTorch: one step after the measured ones)."""
+def profile_ort_nodes(onnx_folder: Path, arrays: list, threads: int, steps: int = 5, kept: int = 3
+                      ) -> tuple[list[tuple[float, float]], dict[str, tuple[str, str, list[float]]]]:
+    """Run ``steps`` training steps of a fresh, profiled ORT session on ``onnx_folder``'s artifacts and read
+    the profile back. Returns the wall ms of each step's (forward+backward, optimizer) and, per node, (op type,
+    input shapes, its ms in each of the last ``kept`` steps): the first steps fill ONNX Runtime's memory arena
+    and pay its page faults."""
     import collections
     import gc
     import glob
@@ -168,25 +171,29 @@ def profile_steps(folder: Path, torch_step, feeds: list, threads: int) -> dict[s
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
     # The training session alone (an evaluation session would write a profile of the same name over it).
+    prefix = str(onnx_folder.parent / "ort_profile")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.enable_profiling = True
-    options.profile_file_prefix = str(folder / "ort_profile")
-    state = CheckpointState.load_checkpoint(str(folder / "onnx" / "checkpoint"))
-    module = Module(str(folder / "onnx" / "training_model.onnx"), state, device="cpu", session_options=options)
-    optimizer = Optimizer(str(folder / "onnx" / "optimizer_model.onnx"), module)
+    options.profile_file_prefix = prefix
+    state = CheckpointState.load_checkpoint(str(onnx_folder / "checkpoint"))
+    module = Module(str(onnx_folder / "training_model.onnx"), state, device="cpu", session_options=options)
+    optimizer = Optimizer(str(onnx_folder / "optimizer_model.onnx"), module)
     module.train()
-    arrays = [f.numpy() if isinstance(f, torch.Tensor) else f for f in feeds]
-    steps, kept = 5, 3  # the first two fill ONNX Runtime's memory arena (page faults): only the last three count
+    walls = []
     for _ in range(steps):
+        start = time.perf_counter()
         module(*arrays)
+        middle = time.perf_counter()
         optimizer.step()
         module.lazy_reset_grad()
+        walls.append((1e3 * (middle - start), 1e3 * (time.perf_counter() - middle)))
     del optimizer, module, state  # the profile is written when the session is released
     gc.collect()
-    durations: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    durations: dict[str, list[float]] = collections.defaultdict(list)
+    kinds: dict[str, tuple[str, str]] = {}
     decoder = json.JSONDecoder()
-    for path in glob.glob(str(folder / "ort_profile*.json")):
+    for path in glob.glob(prefix + "*.json"):
         text, position = Path(path).read_text(), 0
         while position < len(text):  # the training and optimizer sessions can write one file each or share one
             if text[position].isspace():
@@ -195,11 +202,26 @@ def profile_steps(folder: Path, torch_step, feeds: list, threads: int) -> dict[s
             events, position = decoder.raw_decode(text, position)
             for event in events if isinstance(events, list) else []:
                 if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-                    durations[(event["name"], event["args"].get("op_name", "?"))].append(event["dur"] / 1e3)
-    ort: collections.Counter = collections.Counter()
-    for (_, op), values in durations.items():  # a node runs the same number of times each step
+                    node = event["name"][: -len("_kernel_time")]
+                    durations[node].append(event["dur"] / 1e3)
+                    kinds[node] = (event["args"].get("op_name", "?"), str(event["args"].get("input_type_shape")))
+    nodes = {}
+    for node, values in durations.items():  # a node runs the same number of times each step
         runs = max(1, len(values) // steps)
-        ort[op] += sum(values[(steps - kept) * runs:]) / kept
+        nodes[node] = (*kinds[node], [sum(values[i * runs:(i + 1) * runs]) for i in range(steps - kept, steps)])
+    return walls, nodes
+
+
+def profile_steps(folder: Path, torch_step, feeds: list, threads: int) -> dict[str, dict[str, float]]:
+    """Profiled steps of each backend: milliseconds per step by op (ONNX op type / ATen op), largest first
+    (ORT: the mean of steps 3–5 of a fresh training session; PyTorch: one step after the measured ones)."""
+    import collections
+
+    arrays = [f.numpy() if isinstance(f, torch.Tensor) else f for f in feeds]
+    _, nodes = profile_ort_nodes(folder / "onnx", arrays, threads)
+    ort: collections.Counter = collections.Counter()
+    for op, _, per_step in nodes.values():
+        ort[op] += sum(per_step) / len(per_step)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:

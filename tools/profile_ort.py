@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
-import glob
 import json
 import sys
 import tempfile
@@ -28,51 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def profile_ort(folder: Path, feeds: list, threads: int, steps: int = 5) -> None:
-    """Profile ``steps`` ORT training steps and print op-type totals and the 25 largest nodes (ms per step)."""
-    import onnxruntime
-    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+def profile_ort(folder: Path, feeds: list, threads: int) -> None:
+    """Profile 5 ORT training steps and print op-type totals and the 25 largest nodes (ms per step: the median
+    of steps 3–5)."""
+    from bench_ort import profile_ort_nodes
 
-    prefix = str(folder / "ort_profile")
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = prefix
-    state = CheckpointState.load_checkpoint(str(folder / "checkpoint"))
-    module = Module(str(folder / "training_model.onnx"), state, device="cpu", session_options=options)
-    optimizer = Optimizer(str(folder / "optimizer_model.onnx"), module)
-    module.train()
-    walls = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        module(*feeds)
-        middle = time.perf_counter()
-        optimizer.step()
-        module.lazy_reset_grad()
-        walls.append((round(1e3 * (middle - start)), round(1e3 * (time.perf_counter() - middle))))
-    print(f"ORT forward+backward / optimizer ms per step: {walls}", flush=True)
-    del optimizer, module, state  # the profile is written when the session is released
-    gc.collect()
-    durations: dict[str, list[float]] = collections.defaultdict(list)
-    kinds: dict[str, tuple[str, str]] = {}
-    for path in glob.glob(prefix + "*.json"):
-        for event in json.loads(Path(path).read_text()):
-            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-                node = event["name"][: -len("_kernel_time")]
-                durations[node].append(event["dur"] / 1e3)
-                kinds[node] = (event["args"].get("op_name", "?"), str(event["args"].get("input_type_shape"))[:90])
-    per_step = {}
-    for node, values in durations.items():
-        runs = max(1, len(values) // steps)  # a node runs once a step (or runs times)
-        totals = sorted(sum(values[i * runs:(i + 1) * runs]) for i in range(2, steps))
-        per_step[node] = totals[len(totals) // 2]
+    walls, nodes = profile_ort_nodes(folder, feeds, threads)
+    print(f"ORT forward+backward / optimizer ms per step: {[(round(a), round(b)) for a, b in walls]}", flush=True)
+    per_step = {node: (op, shapes, sorted(times)[len(times) // 2]) for node, (op, shapes, times) in nodes.items()}
     by_op: collections.Counter = collections.Counter()
-    for node, ms in per_step.items():
-        by_op[kinds[node][0]] += ms
+    for op, _, ms in per_step.values():
+        by_op[op] += ms
     print(f"ORT op time per step {sum(by_op.values()):.0f} ms: "
           + ", ".join(f"{op} {ms:.0f}" for op, ms in by_op.most_common(30)), flush=True)
-    for node, ms in sorted(per_step.items(), key=lambda kv: -kv[1])[:25]:
-        print(f"   ORT {ms:7.1f} {kinds[node][0]:20s} {node[:60]:60s} {kinds[node][1]}")
+    for node, (op, shapes, ms) in sorted(per_step.items(), key=lambda kv: -kv[1][2])[:25]:
+        print(f"   ORT {ms:7.1f} {op:20s} {node[:60]:60s} {shapes[:90]}")
 
 
 def profile_torch(step) -> None:

@@ -173,7 +173,7 @@ def _export_training_artifacts(program: Program, folder: Path, lr: float, weight
                               f"{_explain_ort_error(error, model, program.gm)}") from error
     if loss_kind != "model":  # the built-in loss adds its target input (``labels`` / ``target``)
         info.input_names = _user_inputs(folder / "training_model.onnx", trainable + frozen)
-    _set_pytorch_adamw(folder / "optimizer_model.onnx")
+    _rewrite_saved(folder / "optimizer_model.onnx", _pytorch_adamw)
     if speed_rewrites:
         info.legalisation["training_sums_as_adds"] = _rewrite_saved(folder / "training_model.onnx", sums_as_adds)
     manifest = asdict(info)
@@ -475,16 +475,17 @@ def _adamw_block(betas: tuple[float, float], eps: float, weight_decay: float) ->
     return onnxblock.optim.AdamW(bias_correction=True, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
-def _set_pytorch_adamw(path: Path) -> None:
+def _pytorch_adamw(model: onnx.ModelProto) -> int:
     """onnxblock writes AdamW in Hugging Face mode (``adam_mode=1``: eps before bias correction, decay after
-    the update); PyTorch's ``torch.optim.AdamW`` is ``adam_mode=0``."""
-    model = onnx.load(str(path))
+    the update); PyTorch's ``torch.optim.AdamW`` is ``adam_mode=0``. Returns how many attributes changed."""
+    count = 0
     for node in model.graph.node:
         if node.op_type == "AdamWOptimizer":
             for attribute in node.attribute:
-                if attribute.name == "adam_mode":
+                if attribute.name == "adam_mode" and attribute.i != 0:
                     attribute.i = 0
-    onnx.save(model, str(path))
+                    count += 1
+    return count
 
 
 def _rewrite_saved(path: Path, rewrite: Any) -> int:

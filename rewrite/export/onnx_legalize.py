@@ -583,13 +583,13 @@ def _replace_nodes(model: onnx.ModelProto, build) -> int:
     return count
 
 
-def _reduce(op: str, data: str, axes: str, out: str, keepdims: int, opset: int,
-            constants: dict[str, np.ndarray] | None = None) -> onnx.NodeProto:
-    """``op(data)`` over the 1-d int64 constant ``axes``: an input from opset 18 on (13 for ReduceSum),
-    an attribute before (``constants`` must then hold its value)."""
+def _reduce(op: str, data: str, axes: str, axes_values: Sequence[int], out: str, keepdims: int,
+            opset: int) -> onnx.NodeProto:
+    """``op(data)`` over ``axes_values``: from opset 18 on (13 for ReduceSum) as the input ``axes`` (an
+    initializer holding them), before as an attribute."""
     if opset >= 18 or (op == "ReduceSum" and opset >= 13):
         return onnx.helper.make_node(op, [data, axes], [out], keepdims=keepdims)
-    return onnx.helper.make_node(op, [data], [out], keepdims=keepdims, axes=[int(a) for a in constants[axes]])
+    return onnx.helper.make_node(op, [data], [out], keepdims=keepdims, axes=[int(a) for a in axes_values])
 
 
 def _log_sum_exp(scores: str, axis: str, name, const, elem_type: int, opset: int) -> list[onnx.NodeProto]:
@@ -603,14 +603,13 @@ def _log_sum_exp(scores: str, axis: str, name, const, elem_type: int, opset: int
     maximum is ±inf or beyond int32 (their log-sum-exp is ±inf or NaN either way)."""
     clip_min = const("shift_min", np.array(-1e9, onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
     clip_max = const("shift_max", np.array(1e9, onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
-    constants = {axis: np.array([1], np.int64)}
-    return [_reduce("ReduceMax", scores, axis, name("row_max"), 1, opset, constants),
+    return [_reduce("ReduceMax", scores, axis, [1], name("row_max"), 1, opset),
             onnx.helper.make_node("Clip", [name("row_max"), clip_min, clip_max], [name("row_max_clipped")]),
             onnx.helper.make_node("Cast", [name("row_max_clipped")], [name("shift_int")], to=onnx.TensorProto.INT32),
             onnx.helper.make_node("Cast", [name("shift_int")], [name("shift")], to=elem_type),
             onnx.helper.make_node("Sub", [scores, name("shift")], [name("shifted")]),
             onnx.helper.make_node("Exp", [name("shifted")], [name("exp")]),
-            _reduce("ReduceSum", name("exp"), axis, name("sum_exp"), 1, opset, constants),
+            _reduce("ReduceSum", name("exp"), axis, [1], name("sum_exp"), 1, opset),
             onnx.helper.make_node("Log", [name("sum_exp")], [name("log_sum_shifted")]),
             onnx.helper.make_node("Add", [name("log_sum_shifted"), name("shift")], [name("log_sum_exp2d")]),
             onnx.helper.make_node("Squeeze", [name("log_sum_exp2d"), axis], [name("log_sum_exp")])]
@@ -649,15 +648,14 @@ def _decompose_layer_norm(model: onnx.ModelProto) -> int:
         def name(suffix: str, base: str = base) -> str:
             return f"{base}_{suffix}"
 
-        axes = name("axes")
-        graph.initializer.extend([numpy_helper.from_array(np.arange(axis, 0, dtype=np.int64), axes),
+        axes, axes_values = name("axes"), np.arange(axis, 0, dtype=np.int64)
+        graph.initializer.extend([numpy_helper.from_array(axes_values, axes),
                                   numpy_helper.from_array(np.array(float(attrs.get("epsilon", 1e-5)), np.float32),
                                                           name("eps"))])
-        constants = {axes: np.arange(axis, 0, dtype=np.int64)}
-        made = [_reduce("ReduceMean", x, axes, name("mean"), 1, opset, constants),
+        made = [_reduce("ReduceMean", x, axes, axes_values, name("mean"), 1, opset),
                 onnx.helper.make_node("Sub", [x, name("mean")], [name("centered")]),
                 onnx.helper.make_node("Mul", [name("centered"), name("centered")], [name("squared")]),
-                _reduce("ReduceMean", name("squared"), axes, name("var"), 1, opset, constants),
+                _reduce("ReduceMean", name("squared"), axes, axes_values, name("var"), 1, opset),
                 onnx.helper.make_node("Add", [name("var"), name("eps")], [name("var_eps")]),
                 onnx.helper.make_node("Sqrt", [name("var_eps")], [name("std")]),
                 onnx.helper.make_node("Reciprocal", [name("std")], [name("inv_std")]),
