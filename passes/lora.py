@@ -35,9 +35,8 @@ from effcompile.analysis import parameter_count
 from effcompile.errors import OptionError, PassError
 from effcompile.graph import finalize
 from effcompile.pass_manager import Pass, PassRecord, register
+from effcompile.passes.linear_sites import check_patterns, erase_dead_attrs, install_site, select_sites
 from effcompile.program import Program
-
-from ._linear_rewrite import check_patterns, erase_dead_attrs, install_site, select_sites
 
 log = logging.getLogger(__name__)
 

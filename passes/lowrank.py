@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from effcompile.errors import OptionError, PassError
 from effcompile.graph import finalize
 from effcompile.pass_manager import Pass, PassRecord, register
-from effcompile.program import Program
-
-from ._linear_rewrite import (
+from effcompile.passes.linear_sites import (
     check_patterns,
     erase_dead_attrs,
     install_site,
@@ -36,6 +34,7 @@ from ._linear_rewrite import (
     weight_out_in,
     weight_used_elsewhere,
 )
+from effcompile.program import Program
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,14 @@
 """effcompile: capture a transformer as a torch.fx graph, rewrite it with verified passes, export it.
 
-The road: model spec → capture → Program → PassManager → verify → emit. ``compile`` is the front door.
+The road: model spec → capture → Program → PassManager → verify → emit. ``compile`` is the front door
+(``effcompile.api``); this package only re-exports.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-import torch
-
-from .analysis import Analysis, parameter_count
-from .capture import capture
-from .emit import load_module, save_module
+from .api import CompileResult, compile, load, save
 from .errors import (
     CaptureError,
     EffcompileError,
@@ -25,93 +18,13 @@ from .errors import (
     SpecError,
     VerificationError,
 )
-from .pass_manager import Pass, PassManager, PassRecord, register, registry
+from .pass_manager import Pass, PassRecord, register, registry
 from .program import Program
 from .report import Report
-from .spec import ModelSpec, normalise_inputs
+from .spec import ModelSpec
 
 __all__ = ["compile", "CompileResult", "load", "save", "Program", "Pass", "PassRecord", "register", "registry",
            "Report", "ModelSpec", "EffcompileError", "SpecError", "OptionError", "CaptureError", "PassError",
            "VerificationError", "OutputError"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
-
-
-@dataclass
-class CompileResult:
-    """``module``: the trainable rewritten GraphModule (called like the original); ``program``: it with
-    its example inputs and loss; ``report``: the records (``report.to_json()``)."""
-
-    module: torch.fx.GraphModule
-    program: Program
-    report: Report
-
-    def save(self, folder: str, force: bool = False) -> str:
-        """Write ``report.json`` and ``module/`` under ``folder`` atomically; returns the folder."""
-        return save(self, folder, force)
-
-
-def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, passes: Sequence[str] = (),
-            options: Mapping[str, Mapping[str, Any]] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
-            verify: bool = True, measure: bool = True, max_error: float | None = None,
-            capture_path: str = "auto", dynamic_batch: bool = True) -> CompileResult:
-    """Capture ``model`` on ``example_inputs`` (a tuple of positional inputs, a dict of keyword inputs,
-    or one tensor), run ``passes`` in order with ``options`` (``{"remat": {"budget": 0.5}}``), verify each
-    against its input, and return the result. Never modifies ``model``.
-
-    ``loss_fn(output, *inputs)`` is the training objective (default: the output's ``loss`` field);
-    ``max_error`` fails approximate passes whose relative output error exceeds it; ``measure`` runs the
-    cost model before and after each pass (bytes saved for backward, FLOPs); ``dynamic_batch=False``
-    captures exported graphs at the example's batch size only (faster capture).
-    Raises EffcompileError subclasses for bad input and VerificationError for broken numerics.
-    """
-    if isinstance(model, ModelSpec):
-        spec = model
-    else:
-        if not isinstance(model, torch.nn.Module):
-            raise SpecError(f"compile() needs a torch.nn.Module, got {type(model).__name__}")
-        args, kwargs = normalise_inputs(example_inputs, "compile()")
-        spec = ModelSpec(model, args, kwargs, loss_fn, type(model).__name__)
-    from .pass_manager import resolve_passes
-
-    resolved = resolve_passes(list(passes), options or {})
-    program = capture(spec, capture_path, dynamic_batch)
-    result = PassManager(resolved, verify=verify, measure=measure, max_error=max_error).run(program)
-    report = Report(model=_model_summary(result.program, program, result.analysis_before), records=result.records)
-    final = result.program
-    del program, result
-    gc.collect()  # the captured program (its own parameter copies) sits in GraphModule reference cycles
-    return CompileResult(final.gm, final, report)
-
-
-def _model_summary(final: Program, captured: Program, analysis: Analysis | None) -> dict[str, Any]:
-    summary: dict[str, Any] = {
-        "name": captured.name, "capture_path": captured.capture_path,
-        "capture_fallback_reason": captured.meta.get("fallback_reason"),
-        "dynamic_batch": bool(captured.gm.meta.get("dynamic_batch", False)),
-        "nodes": len(captured.gm.graph.nodes), "params": parameter_count(captured.gm),
-        "trainable_params": parameter_count(captured.gm, True),
-        "final_nodes": len(final.gm.graph.nodes), "final_params": parameter_count(final.gm),
-        "final_trainable_params": parameter_count(final.gm, True),
-    }
-    if analysis is not None:
-        summary.update(saved_activation_bytes=analysis.saved_activation_bytes, flops=analysis.total_flops)
-    return summary
-
-
-def save(result: CompileResult, folder: str, force: bool = False) -> str:
-    """Write ``report.json`` and the module (``module/code.py``, ``weights.safetensors``, ``structure.pt``)
-    into ``folder`` atomically (refusing a non-empty folder unless ``force``). Returns the folder."""
-    from .emit import atomic_dir, write_report
-
-    with atomic_dir(folder, force) as staging:
-        files = save_module(result.module, staging / "module")
-        result.report.exports["module"] = str(folder) + "/module"
-        write_report(result.report.to_json(), staging)
-    del files
-    return str(folder)
-
-
-def load(folder: str, device: str | torch.device = "cpu") -> torch.fx.GraphModule:
-    """Load the rewritten module saved in ``folder`` (an ``--out`` folder or its ``module/``)."""
-    return load_module(folder, device)

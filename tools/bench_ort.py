@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         spec, program = build_program(args.layers, args.width, args.heads, args.vocab, args.batch, args.seq)
         capture_s = time.perf_counter() - start
         from effcompile.export.onnx import export_training_artifacts
-        from effcompile.export.ort_train import OrtTrainer
+        from effcompile.train.ort import OrtTrainer
 
         start = time.perf_counter()
         export_training_artifacts(program, folder / "onnx", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,

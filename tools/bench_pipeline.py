@@ -161,7 +161,7 @@ class Bench:
         return [int(m) for m in self.options.microbatches.split(",")]
 
     def run_staged(self, result, stages: int, schedule: str, microbatches: int, steps: int, label: str) -> None:
-        from effcompile.pipeline_runtime import broadcast_loss, build_stages, step
+        from effcompile.train.pipeline import broadcast_loss, build_stages, step
 
         program = result.program
         details = result.report.record("pipeline").details
@@ -306,7 +306,7 @@ def main() -> int:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     if launched:
-        from effcompile.pipeline_runtime import init_distributed
+        from effcompile.train.pipeline import init_distributed
 
         rank, world, device = init_distributed(options.device, timeout_minutes=15)
         bench = Bench(options, rank, world, device)

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from effcompile.passes._sas_kernels import (  # noqa: E402
+from effcompile.passes.sas.kernels import (  # noqa: E402
     build_block_mask,
     chunked_attention,
     flex_sparse_attention,
     gather_attention,
     reference_attention,
 )
-from effcompile.passes._sas_patterns import fixed_pattern, select_important_tiles, tile_density  # noqa: E402
+from effcompile.passes.sas.patterns import fixed_pattern, select_important_tiles, tile_density  # noqa: E402
 
 ROWS: list[dict[str, Any]] = []
 STARTED = time.perf_counter()

@@ -80,8 +80,8 @@ def build(passes: tuple[str, ...], settings: dict[str, Any], device: torch.devic
     replace single pass options (``{"sas": {"pattern": "local"}}``). With ``corpus``, the example inputs are
     8 sequences of its training text (what ``sas``'s importance pattern calibrates on), else random bytes."""
     import effcompile
-    from effcompile.data import Batches
     from effcompile.train import small_gpt_spec
+    from effcompile.train.data import Batches
 
     spec = small_gpt_spec(**settings["model"], batch=2)
     spec.module.to(device)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from effcompile.options import parse_set_options
 
     settings["pass_options"] = parse_set_options(args.set_options)
-    from effcompile.data import load_corpus
+    from effcompile.train.data import load_corpus
 
     started = time.perf_counter()
     corpus = load_corpus("stdlib", max_bytes=settings["max_bytes"])

@@ -13,8 +13,8 @@ import effcompile
 from effcompile.capture import capture
 from effcompile.errors import OptionError, PassError
 from effcompile.options import build_config
-from effcompile.passes._amp_policy import LOW_PRECISION_OPS, classify, keep_fp32_names, op_name
 from effcompile.passes.amp import CAST, Amp
+from effcompile.passes.amp.policy import LOW_PRECISION_OPS, classify, keep_fp32_names, op_name
 from effcompile.program import Program
 from effcompile.spec import ModelSpec
 

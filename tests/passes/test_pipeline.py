@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import effcompile
 from effcompile.capture import capture
 from effcompile.errors import OptionError, PassError
-from effcompile.passes._pipeline_partition import solve
 from effcompile.passes.pipeline import Pipeline, bubble_fraction, stage_modules
+from effcompile.passes.pipeline.partition import solve
 from effcompile.verify import compare
 
 from conftest import example_gpt_spec, tiny_spec

@@ -15,7 +15,7 @@ from effcompile.analysis import measure_saved_bytes
 from effcompile.capture import capture
 from effcompile.errors import OptionError, PassError
 from effcompile.pass_manager import PassManager, resolve_passes
-from effcompile.passes._remat_segment import CheckpointedSegment
+from effcompile.passes.remat.segment import CheckpointedSegment
 from effcompile.program import Program
 
 from conftest import example_gpt_spec, tiny_spec

@@ -16,7 +16,7 @@ from effcompile.analysis import measure_saved_bytes
 from effcompile.capture import capture
 from effcompile.errors import OptionError
 from effcompile.pass_manager import PassManager, resolve_passes
-from effcompile.passes._remat_head import (
+from effcompile.passes.remat.head import (
     auto_rows,
     chunk_loss_heads,
     chunked_linear_cross_entropy,

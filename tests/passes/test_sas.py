@@ -16,15 +16,15 @@ import effcompile
 from effcompile.capture import capture
 from effcompile.errors import OptionError
 from effcompile.options import build_config
-from effcompile.passes._sas_kernels import SparseAttention, gather_attention, reference_attention
-from effcompile.passes._sas_patterns import (
+from effcompile.passes.sas import StructuredAttentionSparsity
+from effcompile.passes.sas.kernels import SparseAttention, gather_attention, reference_attention
+from effcompile.passes.sas.patterns import (
     candidate_tiles,
     diagonal_tiles,
     fixed_pattern,
     row_quotas,
     select_important_tiles,
 )
-from effcompile.passes.sas import StructuredAttentionSparsity
 from effcompile.patterns import find_attention
 
 from conftest import example_gpt_spec, tiny_spec

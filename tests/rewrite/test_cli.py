@@ -178,7 +178,7 @@ def test_failure_leaves_no_partial_output(monkeypatch, tmp_path, capsys):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("effcompile.emit.save_module", broken_save)
+    monkeypatch.setattr("effcompile.export.module.save_module", broken_save)
     out = tmp_path / "out"
     code, _, stderr = run([write(tmp_path, GOOD), "--out", out], capsys)
     assert code == 3 and "disk full" in stderr and "--debug" in stderr

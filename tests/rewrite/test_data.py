@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effcompile.data import Batches, load_corpus, stdlib_root
 from effcompile.errors import SpecError
+from effcompile.train.data import Batches, load_corpus, stdlib_root
 
 MAX_BYTES = 200_000
 

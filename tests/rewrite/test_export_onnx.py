@@ -20,7 +20,7 @@ import onnxruntime  # noqa: E402
 
 import effcompile  # noqa: E402
 from effcompile.export.onnx import ExportError, export_eval_model, export_training_artifacts  # noqa: E402
-from effcompile.export.ort_train import OrtTrainer, load_trainer  # noqa: E402
+from effcompile.train.ort import OrtTrainer, load_trainer  # noqa: E402
 
 from conftest import ARCHITECTURES, example_gpt_spec, tiny_spec  # noqa: E402
 
@@ -164,7 +164,7 @@ def test_dropout_keeps_its_mask_output_and_trains(tmp_path):
 
 def test_external_data_path(tmp_path, monkeypatch):
     # models over 2 GB keep their tensors in an external file: exercise that path on a tiny model
-    import effcompile.export.onnx as onnx_export
+    import effcompile.export.onnx.exporter as onnx_export
 
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
     program = _compile(tiny_spec("bert"))
@@ -382,7 +382,7 @@ def test_complex_numbers_are_refused_by_name(tmp_path):
 def test_split_cross_entropy_equals_the_fused_loss_at_extreme_scores(ignore_index):
     """The split loss (gathered score − log-sum-exp with an integer-truncated row maximum as shift) equals
     PyTorch's cross-entropy for scores far from zero, with -1e9-masked columns, and with ignored labels."""
-    from effcompile.export.onnx_legalize import _split_cross_entropy
+    from effcompile.export.onnx.legalize import _split_cross_entropy
 
     scores = torch.randn(6, 50, dtype=torch.float32) * 30
     scores[0] += 5e3
@@ -412,7 +412,7 @@ def test_split_cross_entropy_equals_the_fused_loss_at_extreme_scores(ignore_inde
 def test_decomposed_layer_norm_equals_the_op(axis):
     """float32 LayerNormalization → elementwise ops and reductions over the same trailing axes, equal to
     PyTorch's layer_norm to round-off; with and without a bias."""
-    from effcompile.export.onnx_legalize import _decompose_layer_norm
+    from effcompile.export.onnx.legalize import _decompose_layer_norm
 
     x = torch.randn(2, 5, 7, 8) * 3 + 1
     shape = {-1: [8], -2: [7, 8], 1: [5, 7, 8]}[axis]

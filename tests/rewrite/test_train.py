@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import effcompile
-from effcompile.data import load_corpus
+from effcompile.cli.train import main as train_main
 from effcompile.errors import OptionError, OutputError, SpecError
 from effcompile.train import (
     AdaptiveAccumulation,
@@ -25,7 +25,7 @@ from effcompile.train import (
     parameter_layers,
     train,
 )
-from effcompile.train_cli import main as train_main
+from effcompile.train.data import load_corpus
 
 from conftest import tiny_spec
 

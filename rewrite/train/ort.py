@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .onnx import MANIFEST, ExportError
+from ..export.onnx import MANIFEST, ExportError
 
 Inputs = Mapping[str, Any] | Sequence[Any] | Any
 

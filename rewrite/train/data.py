@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SpecError
+from ..errors import SpecError
 
 VOCAB_SIZE = 256
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".toml", ".json", ".cfg", ".ini", ".c", ".h", ".html")

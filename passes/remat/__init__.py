@@ -56,8 +56,8 @@ from effcompile.errors import OptionError, PassError
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program
 
-from ._remat_head import chunk_loss_heads, is_chunked_head
-from ._remat_plan import (
+from .head import chunk_loss_heads, is_chunked_head
+from .plan import (
     SAVE_CLASSES,
     Candidate,
     blocks_plan,
@@ -69,7 +69,7 @@ from ._remat_plan import (
     smallest_peak,
     sqrt_plan,
 )
-from ._remat_segment import extract_segment, is_segment
+from .segment import extract_segment, is_segment
 
 log = logging.getLogger(__name__)
 

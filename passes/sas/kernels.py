@@ -441,7 +441,7 @@ class SparseAttention(torch.nn.Module):
     def finish_warmup(self) -> None:
         """Select ``density`` of the tiles from the importance scored so far and switch to ``sparse``
         (the tiles chosen at compile time stay if nothing was scored)."""
-        from effcompile.passes._sas_patterns import select_important_tiles
+        from .patterns import select_important_tiles
 
         if self.importance is not None:
             tiles = select_important_tiles(self.importance, self.causal, self.density)

@@ -56,8 +56,8 @@ from effcompile.graph import set_submodule
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program
 
-from ._amp_policy import DEFAULT_KEEP_FP32, KEEP_FP32_CLASSES, classify, is_known_op, keep_fp32_names, op_name
-from ._amp_weights import LowPrecisionWeights
+from .policy import DEFAULT_KEEP_FP32, KEEP_FP32_CLASSES, classify, is_known_op, keep_fp32_names, op_name
+from .weights import LowPrecisionWeights
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

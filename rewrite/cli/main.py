@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EffcompileError, OptionError
+from ..errors import EffcompileError, OptionError
 
 EXPORT_KINDS = ("onnx", "onnx-eval")
 
@@ -113,7 +113,7 @@ def _run_guarded(function: Any, debug: bool) -> int:
 
 def _train(argv: list[str]) -> int:
     try:
-        from . import train_cli
+        from . import train as train_cli
     except ImportError as error:  # pragma: no cover - shipped with the package
         raise OptionError(f"effcompile train is not available ({error})") from error
     return train_cli.main(argv)
@@ -122,7 +122,7 @@ def _train(argv: list[str]) -> int:
 def _list_passes() -> int:
     from rich.table import Table
 
-    from .pass_manager import describe_passes
+    from ..pass_manager import describe_passes
 
     table = Table(title="effcompile passes")
     for column in ("pass", "kind", "summary", "options (default)"):
@@ -149,13 +149,13 @@ def _main(args: argparse.Namespace) -> int:
         raise OptionError("no model given; run e.g. `effcompile examples/gpt.py --passes identity` "
                           "or `effcompile --list-passes`")
 
-    from . import compile as compile_model
-    from .options import load_config_file, merge_options, parse_set_options
-    from .report import render
-    from .spec import resolve_spec
+    from .. import compile as compile_model
+    from ..options import load_config_file, merge_options, parse_set_options
+    from ..report import render
+    from ..spec import resolve_spec
 
     if args.out:  # refuse a bad --out before doing any work
-        from .emit import check_output_dir
+        from ..export.module import check_output_dir
 
         check_output_dir(args.out, args.force)
     if args.batch < 1 or args.seq < 1:
@@ -210,7 +210,7 @@ def _to_device(spec: Any, device: Any) -> Any:
 
 
 def _write(result: Any, args: argparse.Namespace) -> None:
-    from .emit import atomic_dir, save_module, write_report
+    from ..export.module import atomic_dir, save_module, write_report
 
     with atomic_dir(args.out, args.force) as staging:
         save_module(result.module, staging / "module")
@@ -222,7 +222,7 @@ def _write(result: Any, args: argparse.Namespace) -> None:
 
 def _export(kind: str, result: Any, staging: Path, args: argparse.Namespace) -> str:
     try:
-        from .export import onnx as onnx_export
+        from ..export import onnx as onnx_export
     except ImportError as error:
         raise OptionError(f"--export {kind} needs onnx and onnxruntime-training ({error}); "
                           "pip install 'effcompile[ort]'") from error

@@ -16,8 +16,8 @@ import torch
 import torch.fx
 from safetensors.torch import load_file, save_file
 
+from ..errors import OutputError
 from . import serialize
-from .errors import OutputError
 
 MODULE_DIR = "module"
 

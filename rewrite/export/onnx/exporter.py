@@ -52,9 +52,9 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from ..graph import get_attr_value, module_path, op_name
-from ..program import Program, _loss_field
-from .onnx_legalize import (
+from ...graph import get_attr_value, module_path, op_name
+from ...program import Program, _loss_field
+from .legalize import (
     MAX_IR_VERSION,
     ExportError,
     _default_opset,

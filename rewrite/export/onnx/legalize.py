@@ -18,8 +18,8 @@ import torch
 import torch.fx
 from onnx import numpy_helper
 
-from ..errors import EffcompileError
-from ..graph import module_path
+from ...errors import EffcompileError
+from ...graph import module_path
 
 log = logging.getLogger(__name__)
 

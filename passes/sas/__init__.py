@@ -31,16 +31,17 @@ import torch.nn.functional as F
 from effcompile.errors import OptionError, PassError
 from effcompile.graph import depends_on_input_data, finalize, set_submodule
 from effcompile.pass_manager import Pass, PassRecord, register
-from effcompile.passes._sas_kernels import BACKENDS, SparseAttention
-from effcompile.passes._sas_patterns import (
+from effcompile.patterns import AttentionSite, find_attention
+from effcompile.program import Program
+
+from .kernels import BACKENDS, SparseAttention
+from .patterns import (
     candidate_tiles,
     fixed_pattern,
     head_patterns,
     select_important_tiles,
     tile_density,
 )
-from effcompile.patterns import AttentionSite, find_attention
-from effcompile.program import Program
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -38,7 +38,7 @@ from effcompile.graph import finalize, module_path
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program, _loss_field
 
-from ._pipeline_partition import solve
+from .partition import solve
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ Gradients: ``scale_grads=True`` averages over micro-batches, so a step's gradien
 step of the original model (equal-sized micro-batches, mean losses). A tied parameter held by two ranks
 (GPT-2's ``wte``/``lm_head``) has its gradient all-reduced (summed) between them after each step.
 
-Run ``python -m effcompile.pipeline_runtime --help``; e.g.::
+Run ``python -m effcompile.train.pipeline --help``; e.g.::
 
-    torchrun --nproc-per-node 2 -m effcompile.pipeline_runtime hf:gpt2 --model-arg n_layer=4 \\
+    torchrun --nproc-per-node 2 -m effcompile.train.pipeline hf:gpt2 --model-arg n_layer=4 \\
         --stages 2 --schedule 1f1b --microbatches 4 --batch 8 --seq 64 --steps 10
 """
 
@@ -39,9 +39,9 @@ import torch.distributed as dist
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from .errors import EffcompileError, PassError
-from .graph import finalize
-from .program import Program
+from ..errors import EffcompileError, PassError
+from ..graph import finalize
+from ..program import Program
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +366,7 @@ def init_distributed(device_kind: str, timeout_minutes: int = 10) -> tuple[int, 
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m effcompile.pipeline_runtime",
+    parser = argparse.ArgumentParser(prog="python -m effcompile.train.pipeline",
                                      description="Train a model split by the pipeline pass under torchrun.")
     parser.add_argument("model", help="hf:<type> or a model file (build_model, example_inputs, loss_fn)")
     parser.add_argument("--model-arg", action="append", default=[], help="config override key=value (hf: only)")
@@ -387,9 +387,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for ``torchrun --nproc-per-node K -m effcompile.pipeline_runtime MODEL ...``."""
-    from . import compile as compile_model
-    from .spec import resolve_spec
+    """Entry point for ``torchrun --nproc-per-node K -m effcompile.train.pipeline MODEL ...``."""
+    from .. import compile as compile_model
+    from ..spec import resolve_spec
 
     options = _parse(argv)
     rank, world, device = init_distributed(options.device)
@@ -434,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _agree_on_cuts(program: Program, spec: Any, options: dict[str, Any], rank: int) -> Program:
     """All ranks must cut identically; if measured costs (balance=time) made them differ, every rank
     adopts rank 0's cuts (``split_before`` its stages' first nodes)."""
-    from . import compile as compile_model
+    from .. import compile as compile_model
 
     firsts = program.meta["pipeline.plan"]["first_nodes"]
     gathered: list[Any] = [None] * dist.get_world_size()

@@ -22,7 +22,7 @@ cosine learning rates (LCLR), AdamW / LAMB / Lion, periodic validation, checkpoi
    the first block (embeddings) ℓ = 0, after the last (final norm, LM head) ℓ = L = blocks + 1. With ``warmup`` W > 0 the factor rises linearly over the
    first W steps and the cosine runs over t − W of T − W. One optimizer parameter group per layer.
 3. The data position is the count of micro-batches consumed; batch ``i`` is a pure function of ``i``
-   (``effcompile.data.Batches``), so a checkpoint (model, optimizer, scheduler, AGA state, RNG states,
+   (``effcompile.train.data.Batches``), so a checkpoint (model, optimizer, scheduler, AGA state, RNG states,
    position) resumes onto the same loss trajectory as an uninterrupted run.
 """
 
@@ -44,9 +44,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ..errors import OptionError, SpecError
+from ..graph import block_index
 from .data import Batches, Corpus, load_corpus
-from .errors import OptionError, SpecError
-from .graph import block_index
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ def objective(output: Any, tokens: torch.Tensor, args: tuple, kwargs: Mapping[st
 def small_gpt_spec(layers: int = 6, width: int = 384, heads: int = 6, seq: int = 256, batch: int = 2) -> Any:
     """The benchmark model: Hugging Face GPT-2 with ``layers`` blocks of ``width``, byte vocabulary (256),
     ``seq`` positions, dropout 0, random weights (seed 0). Returns an ``effcompile.spec.ModelSpec``."""
-    from .spec import load_hf_spec
+    from ..spec import load_hf_spec
 
     return load_hf_spec("gpt2", dict(n_layer=layers, n_embd=width, n_head=heads, vocab_size=256, n_positions=seq,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), batch=batch, seq=seq)
@@ -435,7 +435,7 @@ class Trainer:
         self.config = config or TrainConfig()
         self.module, args, kwargs, program_loss = _unpack(model)
         if example_inputs is not None:
-            from .spec import normalise_inputs
+            from ..spec import normalise_inputs
 
             args, kwargs = normalise_inputs(example_inputs, "train()")
         self.build_inputs = input_builder(self.module, args, kwargs)

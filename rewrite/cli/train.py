@@ -16,15 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import parse_device
-from .errors import OptionError, OutputError, SpecError
+from ..errors import OptionError, OutputError, SpecError
+from .main import parse_device
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``effcompile train``."""
-    from .train import OPTIMIZERS, TrainConfig
+    from ..train import OPTIMIZERS, TrainConfig
 
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(
@@ -121,10 +121,10 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
     import torch
     from torch.utils import _pytree as pytree
 
-    from . import compile as compile_model
-    from . import load
-    from .options import parse_set_options
-    from .spec import parse_model_args, resolve_spec
+    from .. import compile as compile_model
+    from .. import load
+    from ..options import parse_set_options
+    from ..spec import parse_model_args, resolve_spec
 
     passes = [p for p in args.passes.split(",") if p.strip()]
     if _is_saved_folder(args.model):
@@ -160,7 +160,7 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
 
 
 def _config(args: argparse.Namespace, batch: int, seq: int) -> Any:
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     return TrainConfig(
         steps=args.steps, batch=batch, seq=seq, lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
@@ -240,8 +240,8 @@ def _print_summary(summary: dict[str, Any], out: str | None) -> None:
 
 
 def _train_torch(args: argparse.Namespace) -> int:
-    from .data import load_corpus
-    from .train import Trainer
+    from ..train import Trainer
+    from ..train.data import load_corpus
 
     device = parse_device(args.device)
     corpus = load_corpus(args.data, args.val_fraction, args.seed, args.max_bytes)
@@ -282,11 +282,11 @@ def _ort_shape(folder: Path) -> tuple[int | None, int | None]:
 def _train_ort(args: argparse.Namespace) -> int:
     """Train ONNX Runtime training artifacts: AdamW as exported, the LR schedule applied per step."""
     try:
-        from .export.ort_train import OrtTrainer
+        from ..train.ort import OrtTrainer
     except ImportError as error:
         raise OptionError(f"--backend ort is not available ({error}); pip install 'effcompile[ort]'") from error
-    from .data import Batches, load_corpus
-    from .train import LayerSchedule
+    from ..train import LayerSchedule
+    from ..train.data import Batches, load_corpus
 
     unsupported = [flag for flag, on in (("--aga", args.aga), ("--lclr", args.lclr), ("--passes", args.passes),
                                          ("--optimizer " + args.optimizer, args.optimizer != "adamw"),

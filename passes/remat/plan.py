@@ -32,7 +32,7 @@ from effcompile.analysis import Analysis
 from effcompile.graph import block_index, module_path
 from effcompile.patterns import MATMUL_FUNCTIONS, find_attention, find_linears
 
-from ._remat_segment import segment_members
+from .segment import segment_members
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
