@@ -88,6 +88,7 @@ class Amp(Pass):
     name = "amp"
     summary = "mixed precision as explicit casts: bf16/fp16 matmuls and attention, fp32 master weights"
     exact = False
+    after = ("lora", "lowrank", "sas")  # precision is chosen on the final structure
 
     @dataclass(frozen=True)
     class Config:

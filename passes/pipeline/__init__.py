@@ -55,6 +55,7 @@ class Pipeline(Pass):
     name = "pipeline"
     summary = "cut the graph into K cost-balanced pipeline stages for torch.distributed.pipelining"
     exact = True
+    last = True  # the stages are the program handed to the pipeline runtime
 
     @dataclass(frozen=True)
     class Config:
