@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError, OutputError, SpecError
-from .main import parse_device
+from .common import console, parse_device, spec_to_device
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,7 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
         if tokens:
             batch, seq = args.batch or int(tokens[0].shape[0]), args.seq or int(tokens[0].shape[1])
     if device.type != "cpu":
-        spec.module.to(device)
-        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        spec.args, spec.kwargs = pytree.tree_map(move, spec.args), pytree.tree_map(move, spec.kwargs)
+        spec = spec_to_device(spec, device)
     result = compile_model(spec, passes=passes, options=parse_set_options(args.set_options),
                            capture_path=args.capture, measure=False)
     return result, batch, seq
@@ -220,7 +218,6 @@ class _Progress:
 
 
 def _print_summary(summary: dict[str, Any], out: str | None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="effcompile train")
@@ -236,7 +233,7 @@ def _print_summary(summary: dict[str, Any], out: str | None) -> None:
         rows.append(("log", str(Path(out) / "log.jsonl")))
     for key, value in rows:
         table.add_row(key, str(value))
-    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    console(120).print(table)
 
 
 def _train_torch(args: argparse.Namespace) -> int:

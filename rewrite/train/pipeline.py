@@ -16,17 +16,15 @@ Gradients: ``scale_grads=True`` averages over micro-batches, so a step's gradien
 step of the original model (equal-sized micro-batches, mean losses). A tied parameter held by two ranks
 (GPT-2's ``wte``/``lm_head``) has its gradient all-reduced (summed) between them after each step.
 
-Run ``python -m effcompile.train.pipeline --help``; e.g.::
+The command line is ``effcompile.cli.pipeline`` (``python -m effcompile.cli.pipeline --help``); e.g.::
 
-    torchrun --nproc-per-node 2 -m effcompile.train.pipeline hf:gpt2 --model-arg n_layer=4 \\
+    torchrun --nproc-per-node 2 -m effcompile.cli.pipeline hf:gpt2 --model-arg n_layer=4 \\
         --stages 2 --schedule 1f1b --microbatches 4 --batch 8 --seq 64 --steps 10
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import logging
 import os
 import time
@@ -39,7 +37,7 @@ import torch.distributed as dist
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from ..errors import EffcompileError, PassError
+from ..errors import PassError
 from ..graph import finalize
 from ..program import Program
 
@@ -363,90 +361,3 @@ def init_distributed(device_kind: str, timeout_minutes: int = 10) -> tuple[int, 
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     torch.cuda.set_device(device)
     return rank, world, device
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m effcompile.train.pipeline",
-                                     description="Train a model split by the pipeline pass under torchrun.")
-    parser.add_argument("model", help="hf:<type> or a model file (build_model, example_inputs, loss_fn)")
-    parser.add_argument("--model-arg", action="append", default=[], help="config override key=value (hf: only)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--stages", type=int, default=None, help="default: the number of processes")
-    parser.add_argument("--balance", default="flops")
-    parser.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b or interleaved; comma-separated runs each")
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="0: one forward/backward, gradients dumped")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (parameters)")
-    parser.add_argument("--set", action="append", default=[], help="extra pipeline option, e.g. cut_slack=0.1")
-    parser.add_argument("--verify", action="store_true", help="verify the composed stages on rank 0")
-    parser.add_argument("--dump", default=None, help="folder: write rank<r>_<schedule>.pt (losses, grads)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for ``torchrun --nproc-per-node K -m effcompile.train.pipeline MODEL ...``."""
-    from .. import compile as compile_model
-    from ..spec import resolve_spec
-
-    options = _parse(argv)
-    rank, world, device = init_distributed(options.device)
-    try:
-        compiled: dict[int, Any] = {}
-        for schedule in options.schedule.split(","):
-            per_rank = 2 if schedule == "interleaved" else 1
-            extra = dict(pair.split("=", 1) for pair in options.set)
-            pipeline_options = {"stages": options.stages or world * per_rank, "balance": options.balance,
-                                "schedule": schedule, "microbatches": options.microbatches, **extra}
-            if pipeline_options["stages"] not in compiled or options.steps > 0:  # training changes weights
-                spec = resolve_spec(options.model, options.model_arg, options.batch, options.seq)
-                spec.module.to(device=device, dtype=getattr(torch, options.dtype))
-                spec.args = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, spec.args)
-                spec.kwargs = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
-                                              spec.kwargs)
-                result = compile_model(spec, passes=["pipeline"], options={"pipeline": pipeline_options},
-                                       verify=rank == 0 and options.verify)
-                compiled[pipeline_options["stages"]] = (spec, result,
-                                                        _agree_on_cuts(result.program, spec, pipeline_options, rank))
-            spec, result, program = compiled[pipeline_options["stages"]]
-            batch = (spec.args, spec.kwargs)
-            outcome = run_pipeline(program, lambda _, batch=batch: batch, options.steps, device,
-                                   schedule, options.microbatches, options.lr)
-            if options.dump:
-                os.makedirs(options.dump, exist_ok=True)
-                torch.save(outcome, os.path.join(options.dump, f"rank{rank}_{schedule}.pt"))
-            if rank == 0:
-                print(json.dumps({"schedule": schedule, "stages": pipeline_options["stages"],
-                                  "losses": outcome["losses"],
-                                  "ms_per_step": 1000 * sum(outcome["seconds"][1:]) / max(len(outcome["seconds"]) - 1, 1),
-                                  "summary": result.report.record("pipeline").details["summary"]}), flush=True)
-            dist.barrier()
-    except EffcompileError as error:
-        print(f"rank {rank}: error: {error}", flush=True)
-        return 2
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
-def _agree_on_cuts(program: Program, spec: Any, options: dict[str, Any], rank: int) -> Program:
-    """All ranks must cut identically; if measured costs (balance=time) made them differ, every rank
-    adopts rank 0's cuts (``split_before`` its stages' first nodes)."""
-    from .. import compile as compile_model
-
-    firsts = program.meta["pipeline.plan"]["first_nodes"]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, firsts)
-    if all(g == gathered[0] for g in gathered):
-        return program
-    if firsts != gathered[0]:
-        cuts = tuple(gathered[0][1:])
-        program = compile_model(spec, passes=["pipeline"], options={"pipeline": {**options, "split_before": cuts}},
-                                verify=False, measure=False).program
-    return program
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
