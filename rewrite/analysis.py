@@ -18,6 +18,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from .graph import get_attr_value
 from .program import Program
 
 
@@ -279,3 +280,46 @@ def measure_node_seconds(program: Program, repeats: int = 3) -> dict[str, float]
                 for name, values in timings.items():
                     samples.setdefault(name, []).extend(values)
     return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
+
+
+# ------------------------------------------------------------------------- parameters and training memory
+
+#: Bytes of training state per parameter byte: the weight, its gradient and Adam's two moments.
+TRAINING_STATE_FACTOR = 4
+
+
+def trainable_parameters_read(gm: torch.nn.Module, node: torch.fx.Node) -> list[torch.Tensor]:
+    """The trainable parameters a node reads directly: its ``get_attr`` inputs, or a called module's."""
+    found: list[torch.Tensor] = []
+    if node.op == "call_module":
+        found.extend(p for p in get_attr_value(gm, str(node.target)).parameters() if p.requires_grad)
+    for source in node.all_input_nodes:
+        if source.op == "get_attr":
+            value = get_attr_value(gm, str(source.target))
+            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+                found.append(value)
+    return found
+
+
+def node_parameter_costs(gm: torch.nn.Module, nodes: list[torch.fx.Node]) -> list[tuple[int, int]]:
+    """Per node in ``nodes``: (elements, bytes) of the trainable parameters it reads, each parameter counted
+    at the first node that reads it."""
+    seen: set[int] = set()
+    costs = []
+    for node in nodes:
+        elements = size = 0
+        for tensor in trainable_parameters_read(gm, node):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                elements += tensor.numel()
+                size += tensor.numel() * tensor.element_size()
+        costs.append((elements, size))
+    return costs
+
+
+def node_training_memory(gm: torch.nn.Module, analysis: Analysis, nodes: list[torch.fx.Node]) -> list[int]:
+    """Per node in ``nodes``, the bytes training holds for it: the activations it saves for backward plus
+    ``TRAINING_STATE_FACTOR`` × the bytes of the parameters it reads first (weights, gradients, Adam's
+    moments), in bytes."""
+    parameters = node_parameter_costs(gm, nodes)
+    return [analysis[node].saved_bytes + TRAINING_STATE_FACTOR * size for node, (_, size) in zip(nodes, parameters)]

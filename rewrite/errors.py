@@ -33,3 +33,7 @@ class VerificationError(EffcompileError):
 
 class OutputError(EffcompileError):
     """The output folder cannot be written as asked."""
+
+
+class PipelineError(EffcompileError):
+    """A pipelined program cannot run as asked (world size, inputs the schedule cannot feed, no loss)."""

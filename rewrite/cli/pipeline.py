@@ -106,8 +106,9 @@ def _agree_on_cuts(program: Any, spec: Any, options: dict[str, Any]) -> Any:
     import torch.distributed as dist
 
     from .. import compile as compile_model
+    from ..train.pipeline import pipeline_plan
 
-    firsts = program.meta["pipeline.plan"]["first_nodes"]
+    firsts = pipeline_plan(program).first_nodes
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, firsts)
     if all(g == gathered[0] for g in gathered):

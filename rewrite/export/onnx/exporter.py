@@ -53,7 +53,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from ...graph import get_attr_value, module_path, op_name
-from ...program import Program, _loss_field
+from ...program import Program, loss_field
 from .legalize import (
     MAX_IR_VERSION,
     ExportError,
@@ -248,7 +248,7 @@ class _Wrapper(torch.nn.Module):
         if self._mode == "train":
             if self._loss_fn is not None:
                 return self._loss_fn(output, *args, **kwargs)
-            loss = _loss_field(output)
+            loss = loss_field(output)
             if loss is None:
                 raise ExportError("onnx export: the model returns no scalar `loss`; give the spec a loss_fn")
             return loss
