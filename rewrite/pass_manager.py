@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 ORDER_CONSTRAINTS: tuple[tuple[str, str], ...] = (
     ("lora", "amp"), ("lowrank", "amp"), ("sas", "amp"),
     ("lora", "remat"), ("lowrank", "remat"), ("sas", "remat"), ("amp", "remat"),
+    ("lora", "fuse"), ("lowrank", "fuse"), ("sas", "fuse"), ("fuse", "amp"), ("fuse", "remat"),
 )
 MUST_BE_LAST = ("pipeline",)
 
