@@ -377,7 +377,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     t = target.reshape(-1)
     if t.shape[0] != x.shape[0]:
         raise ValueError(f"fused cross-entropy: {t.shape[0]} targets for {x.shape[0]} rows of logits")
-    loss_dtype = _loss_dtype(torch.result_type(x, weight), upcast)
+    loss_dtype = _loss_dtype(x.dtype if x.dtype.itemsize >= weight.dtype.itemsize else weight.dtype, upcast)
     grad_mode = torch.is_grad_enabled()
     need = (grad_mode and x.requires_grad, grad_mode and weight.requires_grad,
             grad_mode and bias is not None and bias.requires_grad)

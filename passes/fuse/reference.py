@@ -215,6 +215,7 @@ def linear_cross_entropy_plain(x: torch.Tensor, weight: torch.Tensor, bias: torc
     """The unfused head (autograd differentiates it): ``(loss, logits)``; what export records."""
     logits = F.linear(x, weight, bias)
     scores = logits.to(loss_dtype) if loss_dtype is not None else logits
-    loss = F.cross_entropy(scores.float() if scores.dtype != torch.float64 else scores, target,
+    scores = scores.reshape(-1, scores.shape[-1])
+    loss = F.cross_entropy(scores.float() if scores.dtype != torch.float64 else scores, target.reshape(-1),
                            ignore_index=ignore_index, reduction={1: "mean", 2: "sum"}[reduction])
     return loss.to(loss_dtype or loss.dtype), logits
