@@ -323,3 +323,24 @@ def node_training_memory(gm: torch.nn.Module, analysis: Analysis, nodes: list[to
     moments), in bytes."""
     parameters = node_parameter_costs(gm, nodes)
     return [analysis[node].saved_bytes + TRAINING_STATE_FACTOR * size for node, (_, size) in zip(nodes, parameters)]
+
+
+FLOAT8_MIN_DIM = 2048  # torchao's float8 training microbenchmarks: below ~2k-wide GEMMs the casts cost more than they save
+
+
+def float8_gemm_choice(in_features: int, out_features: int, first: bool, last: bool,
+                       min_dim: int = FLOAT8_MIN_DIM) -> tuple[bool, str]:
+    """Whether a linear's three GEMMs (forward, input and weight gradients) should run in float8, and why.
+
+    The rule (a cost estimate, not a measurement): float8 pays when the GEMM is large enough that the
+    2-3× tensor-core rate outweighs the scaling and casting passes over its operands — torchao's
+    microbenchmarks on H100 put the break-even near 2k on the smaller of K and N, so ``min(in, out) <
+    min_dim`` stays bf16; ``_scaled_mm`` needs both dimensions divisible by 16; and the first and last
+    linears (the model's input projection and output head) stay bf16 for accuracy, as torchao recommends."""
+    if first or last:
+        return False, "first/last linear (kept in bf16 for accuracy)"
+    if in_features % 16 or out_features % 16:
+        return False, f"{in_features}×{out_features} not divisible by 16 (float8 GEMM needs it)"
+    if min(in_features, out_features) < min_dim:
+        return False, f"small GEMM: min({in_features}, {out_features}) < {min_dim}"
+    return True, f"{in_features}×{out_features} ≥ {min_dim}"
