@@ -45,17 +45,21 @@ class Layout:
 
     # what a value is
     def is_tensor(self, node: torch.fx.Node) -> bool:
+        """True when ``node`` produces a tensor (the cost model recorded its shape)."""
         return "effcompile_shape" in node.meta
 
     def is_float(self, node: torch.fx.Node) -> bool:
+        """True when ``node`` produces a floating-point tensor."""
         dtype = node.meta.get("effcompile_dtype")
         return dtype is not None and dtype.is_floating_point
 
     def bytes_of(self, node: torch.fx.Node) -> int:
+        """Bytes of ``node``'s output."""
         cost = self.analysis.costs.get(node.name)
         return cost.output_bytes if cost is not None else 0
 
     def trainable(self, node: torch.fx.Node) -> bool:
+        """True when ``node`` reads a trainable parameter (a ``get_attr``)."""
         if node.op != "get_attr":
             return False
         value = get_attr_value(self.gm, str(node.target))
@@ -93,6 +97,7 @@ class Layout:
         return ok
 
     def last_use(self, node: torch.fx.Node) -> int:
+        """Position of ``node``'s last reader (``count`` when the output reads it; -1 unused)."""
         uses = [self.position[u] if u in self.position else self.count for u in node.users if u.op != "get_attr"]
         return max(uses, default=-1)
 

@@ -61,6 +61,8 @@ def make_plan(program: Program, layout: Layout, built: Built, config: PipelineCo
 
 def stage_report(layout: Layout, analysis: Analysis, built: Built, node_costs: list[float], cuts: list[int],
             config: PipelineConfig, tied: list[dict[str, Any]], seconds: dict[str, float] | None) -> dict[str, Any]:
+    """The pass's report: per stage its nodes, modules, cost, FLOPs, parameters and activation bytes; the
+    cuts and what each sends; imbalance, the schedule's bubble and the tied parameters."""
     graph = to_networkx(layout.gm, analysis)
     stages = []
     for index, ((start, end), module) in enumerate(zip(built.ranges, built.stage_modules)):
