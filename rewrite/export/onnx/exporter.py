@@ -1,4 +1,5 @@
-"""Export a Program to ONNX and to ONNX Runtime training artifacts.
+"""Export a Program to ONNX and to ONNX Runtime training artifacts. Step 1 lives in ``to_onnx``, step 2 in
+``legalize/`` (one named rewrite per module), step 3 in ``check``, step 4 in ``ort_artifacts``.
 
 1. Wrap the program's GraphModule in a module that returns only the training objective (the model's own
    loss: ``loss_fn`` or the output's ``loss``) — or, for inference, the output tensors — and export it
