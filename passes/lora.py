@@ -225,9 +225,6 @@ class Lora(Pass):
             for parameter in gm.parameters():  # a merged model is a plain model again: train as before
                 parameter.requires_grad_(was_trainable.get(id(parameter), False))
         finalize(gm)
-        program.meta.setdefault("lora", {}).update(
-            {path: {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
-                    "rslora": config.rslora, "layout": m.layout} for path, m in adapters.items()})
         trainable_after = parameter_count(gm, trainable_only=True)
         total = parameter_count(gm)
         paths = sorted(adapters)
