@@ -153,7 +153,7 @@ def find_attention(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in SDPA_FUNCTIONS:
             sites.append(_sdpa_site(node))
-        elif _is_softmax(node):
+        elif is_softmax(node):
             site = _explicit_site(node)
             if site is not None:
                 sites.append(site)
@@ -172,7 +172,8 @@ def _sdpa_site(node: torch.fx.Node) -> AttentionSite:
                          values["scale"], bool(values["enable_gqa"]), [node])
 
 
-def _is_softmax(node: torch.fx.Node) -> bool:
+def is_softmax(node: torch.fx.Node) -> bool:
+    """True for a softmax call (``torch.softmax``, ``F.softmax``, ``aten._softmax``/``softmax.int``, ``x.softmax()``)."""
     return (node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS) or \
         (node.op == "call_method" and node.target == "softmax")
 
@@ -183,12 +184,13 @@ def _is_matmul(node: Any) -> bool:
         or (node.op == "call_method" and node.target in ("matmul", "bmm")))
 
 
-_ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+# Nodes export adds that only check a tensor's dtype/shape or a size's range; they compute nothing.
+ASSERTION_OPS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
 
 
 def _real_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Users that compute something (export adds dtype/shape assertion nodes that only check)."""
-    return [u for u in node.users if not (u.op == "call_function" and u.target in _ASSERTIONS)]
+    return [u for u in node.users if not (u.op == "call_function" and u.target in ASSERTION_OPS)]
 
 
 def _score_path(start: Any, depth: int = 8) -> list[torch.fx.Node] | None:

@@ -117,3 +117,12 @@ def node_where(node: onnx.NodeProto, gm: torch.fx.GraphModule | None = None) -> 
     if path is None:  # not a node of the captured graph: the exporter's scope is the best left
         path = meta.get("namespace", "").split(":")[-1].strip() or "?"
     return f"{path} (node {fx_name or node.name})"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (ONNX Runtime's C++ location dropped), at most 400 characters."""
+    text = str(error).strip()
+    if "[ONNXRuntimeError]" in text:  # drop the C++ source location and signature before ORT's message
+        text = "ONNXRuntimeError" + text.split("[ONNXRuntimeError]", 1)[1]
+    lines = text.splitlines()
+    return lines[0][:400] if lines else type(error).__name__
