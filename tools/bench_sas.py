@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sas_models import global_window, long_step, quality  # noqa: E402
+from bench_sas_models import global_window, long_step, quality, timed_steps  # noqa: E402
 
 from effcompile.passes.sas.importance import select_important_tiles  # noqa: E402
 from effcompile.passes.sas.kernels import reference_attention  # noqa: E402
@@ -66,18 +66,7 @@ def emit(row: dict[str, Any]) -> None:
 
 def timed(function: Callable[[], Any], device: str, warmup: int, iters: int) -> list[float]:
     """Milliseconds of ``function()`` over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return times
+    return timed_steps(function, device, warmup, iters)
 
 
 def fwd_bwd(attention: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -111,7 +111,8 @@ def sas_configs(seq: int, block_size: int, n_global: int, density: float,
             (f"sas importance {density:.0%}", importance)]
 
 
-def _timed_steps(step: Callable[[], None], device: str, warmup: int, steps: int) -> list[float]:
+def timed_steps(step: Callable[[], None], device: str, warmup: int, steps: int) -> list[float]:
+    """Milliseconds of ``steps`` calls of ``step()`` after ``warmup`` calls (device synchronised)."""
     for _ in range(warmup):
         step()
     times = []
@@ -124,6 +125,14 @@ def _timed_steps(step: Callable[[], None], device: str, warmup: int, steps: int)
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
     return times
+
+
+def _model_for(base: nn.Module, shape: tuple[int, ...], device: str, options: dict[str, Any] | None,
+               example: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of ``base`` (same weights), made sparse by ``sas`` with ``options`` (None: dense)."""
+    model = LlamaStyle(*shape).to(device)
+    model.load_state_dict(base.state_dict())
+    return (model, {}) if options is None else _sparsify(model, example, options)
 
 
 def _sparsify(model: nn.Module, idx: torch.Tensor, options: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
@@ -152,7 +161,7 @@ def _train_steps(module: nn.Module, idx: torch.Tensor, device: str, compiled: bo
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return _timed_steps(step, device, warmup, steps)
+    return timed_steps(step, device, warmup, steps)
 
 
 def long_step(args: Any, device: str, emit: Emit) -> None:
@@ -169,13 +178,7 @@ def long_step(args: Any, device: str, emit: Emit) -> None:
             emit({"section": "long", "config": name, "skipped": "time budget"})
             continue
         try:
-            model = LlamaStyle(layers, width, heads, ff, seq).to(device)
-            model.load_state_dict(base.state_dict())
-            info: dict[str, Any] = {}
-            if options is not None:
-                module, info = _sparsify(model, idx, options)
-            else:
-                module = model
+            module, info = _model_for(base, (layers, width, heads, ff, seq), device, options, idx)
             times = _train_steps(module, idx, device, bool(args.compile and device == "cuda"),
                                  1 if args.quick else 4, steps)
             median = statistics.median(times)
@@ -224,12 +227,8 @@ def quality(args: Any, device: str, emit: Emit) -> None:
             emit({"section": "quality", "config": name, "skipped": "time budget"})
             continue
         try:
-            model = LlamaStyle(layers, width, heads, ff, seq).to(device)
-            model.load_state_dict(base.state_dict())
-            info: dict[str, Any] = {}
-            module: nn.Module = model
-            if options is not None:
-                module, info = _sparsify(model, train.batch(10**6).to(device), options)
+            module, info = _model_for(base, (layers, width, heads, ff, seq), device, options,
+                                      train.batch(10**6).to(device))
             optimizer = torch.optim.AdamW(module.parameters(), lr=args.quality_lr, weight_decay=0.1,
                                           fused=device == "cuda")
             started, times = time.perf_counter(), []

@@ -182,7 +182,10 @@ def gather_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             gathered = gathered.permute(0, 1, 3, 2, 4).reshape(gathered.shape[0], count, bs, width * bs)
             scores = scores + gathered.to(scores.dtype) if is_float_mask(attn_mask) else \
                 scores.masked_fill(~gathered, -math.inf)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        if mask_tiles is not None:  # a row the user's mask empties gives 0, as SDPA does (not NaN)
+            probs = torch.nan_to_num(probs, nan=0.0)
+        probs = probs.to(value.dtype)
         if dropout_p > 0:
             probs = F.dropout(probs, dropout_p, training=True)
         outputs.append(torch.matmul(probs, values))  # [B, rows, bs, Dv]
@@ -263,10 +266,11 @@ def _compiled_flex() -> Callable:
 def flex_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
                           scale: float, score_mod: Callable | None = None,
                           kernel_options: dict[str, Any] | None = None) -> torch.Tensor:
-    """FlexAttention with ``block_mask`` (compiled on CUDA, eager elsewhere: forward only there)."""
+    """FlexAttention with ``block_mask`` (compiled on CUDA, eager elsewhere: forward only there; inside a
+    model that torch.compile is tracing, the outer compilation compiles it)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    function = _compiled_flex() if query.is_cuda else flex_attention
+    function = _compiled_flex() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
     key, value = key.to(query.dtype), value.to(query.dtype)
     with torch.autocast(query.device.type, enabled=False):
         return function(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=float(scale),

@@ -305,8 +305,8 @@ class SparseAttention(torch.nn.Module):
                                     query.device, user_mask_mod)
         block_mask = self._entry("flex", query, key, build) if user_mask_mod is None else build()
         options = self.kernel_options
-        if options is None and user_mask_mod is None and query.is_cuda:
-            options = {"ROWS_GUARANTEED_SAFE": True}  # the pass refuses masks that leave a query with no key
+        if options is None and attn_mask is None and query.is_cuda and query_len == key_len:
+            options = {"ROWS_GUARANTEED_SAFE": True}  # every rule keeps a query's own pair in self-attention
         return flex_sparse_attention(query, key, value, block_mask, float(scale), score_mod, options)
 
     def _dense(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,

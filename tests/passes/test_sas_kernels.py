@@ -322,3 +322,16 @@ def test_grouped_selection_shares_key_sets(blocks, group, density, seed):
         for start in range(0, blocks, group):
             rows = tiles[head, start:start + group, :start]
             assert (rows == rows[0]).all()
+
+
+def test_row_emptied_by_the_user_mask_gives_zero():
+    """A query row the user's mask empties (a padding query) gives 0 and finite gradients, as SDPA does."""
+    q, k, v = _inputs(1, 2, 2, 8, 8, 4, 4)
+    user = torch.ones(8, 8, dtype=torch.bool)
+    user[5] = False
+    mask = TokenMask((head_pattern("local", window=3),), False, 4)
+    expected = _forward_backward(lambda a, b, c: reference_attention(a, b, c, mask, 0.5, user), q, k, v)
+    plan = gather_plan(mask, mask.tile_classes(8, 8), 2, 8, 8, torch.device("cpu"))
+    got = _forward_backward(lambda a, b, c: gather_attention(a, b, c, plan, 4, 0.5, user), q, k, v)
+    _assert_same(expected, got)
+    assert (got[0][:, :, 5] == 0).all() and all(torch.isfinite(g).all() for g in got)
