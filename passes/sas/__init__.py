@@ -325,6 +325,9 @@ class StructuredAttentionSparsity(Pass):
         attention_ms = sum(s.attention_ms or 0.0 for s in sites)
         summary = (f"{len(sites)} attention{'s' if len(sites) > 1 else ''} → sparse {config.pattern}: "
                    f"{token:.1%} of token pairs, {tile:.1%} of tiles computed (tile {config.block_size})")
+        two_sided = [s for s in sites if not s.causal and {"local", "global"} & set(s.patterns)]
+        if two_sided:
+            summary += f"; {len(two_sided)} non-causal (encoder) attentions: the window is two-sided"
         if sas_plan.skipped:
             summary += f"; {len(sas_plan.skipped)} left dense ({sas_plan.skipped[0]['reason']})"
         if build_ms:

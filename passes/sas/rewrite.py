@@ -244,7 +244,7 @@ def projection_source(node: Any, linears: dict[torch.fx.Node, LinearSite], depth
         if not isinstance(current, torch.fx.Node):
             return current
         if current in linears:
-            return linears[current].input
+            return _unwrap(linears[current].input)
         if current.op in ("placeholder", "get_attr"):
             return current
         first = next((a for a in _flat(current.args) if isinstance(a, torch.fx.Node)), None)
@@ -252,6 +252,16 @@ def projection_source(node: Any, linears: dict[torch.fx.Node, LinearSite], depth
             return current
         current = first
     return current
+
+
+def _unwrap(node: Any) -> Any:
+    """``node`` without the casts, copies and views around it (two projections of one tensor may each
+    read their own cast of it)."""
+    while isinstance(node, torch.fx.Node) and node.args and (
+            _is_call(node, _DTYPE_OPS) or _is_call(node, _DTYPE_METHODS) or _is_call(node, _VIEWS)
+            or _is_call(node, {aten.contiguous.default, "contiguous"})):
+        node = node.args[0]
+    return node
 
 
 def _flat(args: Any) -> list[Any]:

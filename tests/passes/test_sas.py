@@ -5,7 +5,6 @@ training, save/load, the mask cache across layers, options and every error messa
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from effcompile.spec import ModelSpec, load_hf_spec
 
 from conftest import example_gpt_spec, generic_tiny_overrides, tiny_spec
 
-warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 SAS = StructuredAttentionSparsity
 
 
@@ -127,6 +126,7 @@ def test_cross_attention_left_dense_unless_asked(programs):
                for s in skipped)
     causal = {site.path.rsplit(".", 1)[0].split(".")[1]: site.causal for site in rewritten.plan(SasPlan).sites}
     assert causal == {"encoder": False, "decoder": True}
+    assert "2 non-causal (encoder) attentions: the window is two-sided" in record.details["summary"]
     record, rewritten = run_sas(program, pattern="local", block_size=4, window=4, cross=True)
     assert record.stats["rewritten"] == 6 and record.stats["skipped"] == 0
     expected, got = losses(program, rewritten)
@@ -302,17 +302,17 @@ def test_importance_warmup_rescores_on_training_passes(programs):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_rewritten_model_trains(programs, name):
-    """The sparse GPT-2 / Llama graph trains: 20 AdamW steps lower the loss."""
+    """The sparse GPT-2 / Llama graph trains: 12 AdamW steps lower the loss."""
     _, rewritten = run_sas(programs(name), pattern="local", block_size=4, window=6, backend="gather")
-    optimizer = torch.optim.AdamW(rewritten.gm.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(rewritten.gm.parameters(), lr=5e-3)
     history = []
-    for _ in range(20):
+    for _ in range(12):
         loss = rewritten.objective(rewritten.run())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         history.append(loss.item())
-    assert all(math.isfinite(x) for x in history) and history[-1] < 0.8 * history[0]
+    assert all(math.isfinite(x) for x in history) and history[-1] < 0.85 * history[0]
 
 
 def test_mixed_heads_and_second_run(programs):

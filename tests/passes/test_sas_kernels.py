@@ -4,7 +4,6 @@ token-level masked reference (forward and gradients), importance selection and s
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ from effcompile.passes.sas.patterns import (
     head_pattern,
 )
 
-warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 NAMES = ("local", "block", "strided", "global", "dense")
 
 
