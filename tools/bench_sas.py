@@ -79,30 +79,33 @@ def fwd_bwd(attention: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
 
 
 def candidates(seq: int, heads: int, block_size: int) -> list[tuple[str, str, Callable[[], SparseAttention]]]:
-    """(kernel, mask, module factory) of every candidate at ``seq`` tokens: the importance-style tile set at
-    25% (random scores) through each kernel, the block pattern, and token-exact local+global."""
+    """(kernel, mask, module factory) of every candidate at ``seq`` tokens, most telling first: the block
+    pattern (chunked flash), the importance-style tile set at 25% (random scores; query groups of 1/2/4
+    blocks) through FlexAttention and the flash kernel, token-exact local+global, then FlexAttention's kernel
+    options (riskiest last: a kernel that faults the device ends the run)."""
     blocks = math.ceil(seq / block_size)
     scores = torch.rand(heads, blocks, blocks, generator=torch.Generator().manual_seed(0))
     importance = HeadPattern("importance", tiles=True)
-    rows: list[tuple[str, str, Callable[[], SparseAttention]]] = []
-    for group in (1, 2, 4):
-        tiles = select_important_tiles(scores, True, 0.25, group)
-        mask = f"importance 25% group {group}"
 
-        def make(backend: str, options: dict | None = None, tiles: torch.Tensor = tiles) -> SparseAttention:
-            return SparseAttention(block_size, True, None, backend=backend, tile_mask=tiles,
-                                   head_patterns=(importance,), kernel_options=options)
-        rows.append(("flash", mask, functools.partial(make, "flash")))
-        if group == 1:
-            rows += [(name, mask, functools.partial(make, "flex", options)) for name, options in FLEX_VARIANTS.items()]
-        else:
-            rows.append(("flex", mask, functools.partial(make, "flex")))
-    rows.append(("chunked", "block 25%", lambda: SparseAttention(
-        block_size, True, None, backend="chunked", head_patterns=(head_pattern("block", block=seq // 4),))))
+    def make(backend: str, group: int, options: dict | None = None) -> SparseAttention:
+        return SparseAttention(block_size, True, None, backend=backend, tile_mask=tiles[group],
+                               head_patterns=(importance,), kernel_options=options)
+    tiles = {group: select_important_tiles(scores, True, 0.25, group) for group in (1, 2, 4)}
     window = global_window(seq, 0.25, block_size, block_size)
+    rows: list[tuple[str, str, Callable[[], SparseAttention]]] = [
+        ("chunked", "block 25%", lambda: SparseAttention(
+            block_size, True, None, backend="chunked", head_patterns=(head_pattern("block", block=seq // 4),))),
+        ("flex", "importance 25% group 1", functools.partial(make, "flex", 1)),
+    ]
+    for group in (1, 2, 4):
+        rows.append(("flash", f"importance 25% group {group}", functools.partial(make, "flash", group)))
+    for group in (2, 4):
+        rows.append(("flex", f"importance 25% group {group}", functools.partial(make, "flex", group)))
     rows.append(("flex", f"local+global 25% (window {window}, {block_size} global)", lambda: SparseAttention(
         block_size, True, None, backend="flex",
         head_patterns=(head_pattern("global", window=window, n_global=block_size),))))
+    rows += [(name, "importance 25% group 1", functools.partial(make, "flex", 1, options))
+             for name, options in FLEX_VARIANTS.items() if name != "flex"]
     return rows
 
 
@@ -137,8 +140,8 @@ def check_candidates(device: str, emit_rows: bool = True) -> None:
 
 
 def bench_kernels(args: argparse.Namespace, device: str) -> None:
-    """Every candidate kernel against dense flash SDPA, forward+backward, bf16 (float32 on CPU with --quick)."""
-    check_candidates(device)
+    """Every candidate kernel against dense flash SDPA, forward+backward, bf16 (float32 on CPU with --quick);
+    each row first checks the candidate against the float32 gather kernel at the same shape (``ok``)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batch, heads, head_dim = (1, 2, 64) if args.quick else (4, 16, 64)
     block_size = 32 if args.quick else 128
@@ -159,6 +162,7 @@ def bench_kernels(args: argparse.Namespace, device: str) -> None:
                 continue  # FlexAttention has no CPU backward
             try:
                 module = factory().to(device)
+                errors = _errors_vs_gather(module, q, k, v, grad)
                 times = timed(fwd_bwd(module, q, k, v, grad), device, 3, args.iters)
                 build_ms = sum(module.cache.build_ms.values())
                 stats = module.mask.stats(seq, seq)
@@ -166,7 +170,7 @@ def bench_kernels(args: argparse.Namespace, device: str) -> None:
                 emit({"section": "kernels", "kernel": kernel, "mask": mask_name, "seq": seq,
                       "tile_density": round(stats.tile_density, 4), "token_density": round(stats.token_density, 4),
                       "ms": ms, "ms_min": min(times), "ms_max": max(times), "dense_ms": dense_ms,
-                      "speedup": dense_ms / ms, "mask_build_ms": build_ms})
+                      "speedup": dense_ms / ms, "mask_build_ms": build_ms, **errors})
             except Exception as error:  # one configuration failing must not stop the others
                 emit({"section": "kernels", "kernel": kernel, "mask": mask_name, "seq": seq,
                       "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
@@ -176,6 +180,28 @@ def bench_kernels(args: argparse.Namespace, device: str) -> None:
                     torch.cuda.empty_cache()
         if device == "cuda" and not args.over_budget():
             _create_block_mask_reference(seq, heads, block_size, dense_ms)
+
+
+def _errors_vs_gather(module: SparseAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      grad: torch.Tensor) -> dict[str, Any]:
+    """Output and gradient errors of ``module`` against the float32 block-gather kernel on the same mask and
+    inputs (the gather kernel equals the token-masked reference in the tests), relative to the reference's
+    largest value; ``ok`` within bf16 tolerances."""
+    reference = SparseAttention(module.block_size, module.causal, None, backend="gather", tile_mask=module.tile_mask,
+                                head_patterns=module.head_patterns)
+    inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = reference(*inputs)
+    expected.backward(grad.float())
+    got_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    got = module(*got_inputs)
+    got.backward(grad)
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b).abs().max() / b.abs().max().clamp(min=1e-6))
+    out_error = relative(got, expected.detach())
+    grad_error = max(relative(g.grad, e.grad) for g, e in zip(got_inputs, inputs))
+    del reference, expected, got
+    return {"out_rel_err": out_error, "grad_rel_err": grad_error, "ok": out_error < 2e-2 and grad_error < 5e-2}
 
 
 def _dense_flash(device: str) -> Callable[..., torch.Tensor]:
@@ -243,6 +269,8 @@ def main() -> None:
     parser.add_argument("--long-seq", type=int, default=32768, help="--long sequence length")
     parser.add_argument("--steps-timed", type=int, default=10, help="--long timed steps per configuration (≥ 10)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="--long: eager instead of compiled")
+    parser.add_argument("--long-flash", action="store_true",
+                        help="--long: also importance chosen by groups of 4 query blocks on the flash kernel")
     parser.add_argument("--quality-seq", type=int, default=8192)
     parser.add_argument("--quality-batch", type=int, default=4)
     parser.add_argument("--quality-steps", type=int, default=300)
@@ -286,7 +314,7 @@ def main() -> None:
         path.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": ROWS}, indent=1, default=str))
         print(f"wrote {path}", flush=True)
     print(f"total {time.perf_counter() - STARTED:.1f} s", flush=True)
-    failed = [r for r in ROWS if r.get("section") == "check" and not r.get("ok")]
+    failed = [r for r in ROWS if r.get("section") in ("check", "kernels") and r.get("ok") is False]
     if failed:
         print(f"bench_sas: {len(failed)} kernel checks FAILED (see the check rows)", flush=True)
         raise SystemExit(1)

@@ -173,7 +173,12 @@ def long_step(args: Any, device: str, emit: Emit) -> None:
     base = LlamaStyle(layers, width, heads, ff, seq).to(device)
     idx = torch.randint(0, 256, (1, seq), device=device)
     dense_ms = None
-    for name, options in sas_configs(seq, block_size, 64 if args.quick else 128, 0.25):
+    configs = sas_configs(seq, block_size, 64 if args.quick else 128, 0.25)
+    if args.long_flash:  # importance chosen by groups of 4 query blocks, run by the flash kernel
+        configs.append(("sas importance 25% group 4 (flash kernel)", {
+            "pattern": "importance", "density": 0.25, "block_size": block_size, "calib_steps": 1, "group": 4,
+            "backend": "flash"}))
+    for name, options in configs:
         if args.over_budget():
             emit({"section": "long", "config": name, "skipped": "time budget"})
             continue
