@@ -18,6 +18,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from .graph import get_attr_value
 from .program import Program
 
 
@@ -279,3 +280,67 @@ def measure_node_seconds(program: Program, repeats: int = 3) -> dict[str, float]
                 for name, values in timings.items():
                     samples.setdefault(name, []).extend(values)
     return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
+
+
+# ------------------------------------------------------------------------- parameters and training memory
+
+#: Bytes of training state per parameter byte: the weight, its gradient and Adam's two moments.
+TRAINING_STATE_FACTOR = 4
+
+
+def trainable_parameters_read(gm: torch.nn.Module, node: torch.fx.Node) -> list[torch.Tensor]:
+    """The trainable parameters a node reads directly: its ``get_attr`` inputs, or a called module's."""
+    found: list[torch.Tensor] = []
+    if node.op == "call_module":
+        found.extend(p for p in get_attr_value(gm, str(node.target)).parameters() if p.requires_grad)
+    for source in node.all_input_nodes:
+        if source.op == "get_attr":
+            value = get_attr_value(gm, str(source.target))
+            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+                found.append(value)
+    return found
+
+
+def node_parameter_costs(gm: torch.nn.Module, nodes: list[torch.fx.Node]) -> list[tuple[int, int]]:
+    """Per node in ``nodes``: (elements, bytes) of the trainable parameters it reads, each parameter counted
+    at the first node that reads it."""
+    seen: set[int] = set()
+    costs = []
+    for node in nodes:
+        elements = size = 0
+        for tensor in trainable_parameters_read(gm, node):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                elements += tensor.numel()
+                size += tensor.numel() * tensor.element_size()
+        costs.append((elements, size))
+    return costs
+
+
+def node_training_memory(gm: torch.nn.Module, analysis: Analysis, nodes: list[torch.fx.Node]) -> list[int]:
+    """Per node in ``nodes``, the bytes training holds for it: the activations it saves for backward plus
+    ``TRAINING_STATE_FACTOR`` × the bytes of the parameters it reads first (weights, gradients, Adam's
+    moments), in bytes."""
+    parameters = node_parameter_costs(gm, nodes)
+    return [analysis[node].saved_bytes + TRAINING_STATE_FACTOR * size for node, (_, size) in zip(nodes, parameters)]
+
+
+FLOAT8_MIN_DIM = 2048  # torchao's float8 training microbenchmarks: below ~2k-wide GEMMs the casts cost more than they save
+
+
+def float8_gemm_choice(in_features: int, out_features: int, first: bool, last: bool,
+                       min_dim: int = FLOAT8_MIN_DIM) -> tuple[bool, str]:
+    """Whether a linear's three GEMMs (forward, input and weight gradients) should run in float8, and why.
+
+    The rule (a cost estimate, not a measurement): float8 pays when the GEMM is large enough that the
+    2-3× tensor-core rate outweighs the scaling and casting passes over its operands — torchao's
+    microbenchmarks on H100 put the break-even near 2k on the smaller of K and N, so ``min(in, out) <
+    min_dim`` stays bf16; ``_scaled_mm`` needs both dimensions divisible by 16; and the first and last
+    linears (the model's input projection and output head) stay bf16 for accuracy, as torchao recommends."""
+    if first or last:
+        return False, "first/last linear (kept in bf16 for accuracy)"
+    if in_features % 16 or out_features % 16:
+        return False, f"{in_features}×{out_features} not divisible by 16 (float8 GEMM needs it)"
+    if min(in_features, out_features) < min_dim:
+        return False, f"small GEMM: min({in_features}, {out_features}) < {min_dim}"
+    return True, f"{in_features}×{out_features} ≥ {min_dim}"

@@ -33,3 +33,11 @@ class VerificationError(EffcompileError):
 
 class OutputError(EffcompileError):
     """The output folder cannot be written as asked."""
+
+
+class ExportError(EffcompileError):
+    """The program cannot be exported to ONNX or trained in ONNX Runtime as it stands."""
+
+
+class PipelineError(EffcompileError):
+    """A pipelined program cannot run as asked (world size, inputs the schedule cannot feed, no loss)."""

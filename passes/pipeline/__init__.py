@@ -32,11 +32,19 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from effcompile.analysis import Analysis, analyze, measure_node_seconds, to_networkx
+from effcompile.analysis import (
+    Analysis,
+    analyze,
+    measure_node_seconds,
+    node_parameter_costs,
+    node_training_memory,
+    to_networkx,
+)
 from effcompile.errors import OptionError, PassError
-from effcompile.graph import finalize, module_path
+from effcompile.graph import finalize, get_attr_value, module_path
 from effcompile.pass_manager import Pass, PassRecord, register
-from effcompile.program import Program, _loss_field
+from effcompile.plans import PipelinePlan, TiedParameter
+from effcompile.program import Program, loss_field
 
 from .partition import solve
 
@@ -55,6 +63,7 @@ class Pipeline(Pass):
     name = "pipeline"
     summary = "cut the graph into K cost-balanced pipeline stages for torch.distributed.pipelining"
     exact = True
+    last = True  # the stages are the program handed to the pipeline runtime
 
     @dataclass(frozen=True)
     class Config:
@@ -99,7 +108,8 @@ class Pipeline(Pass):
 
     def ensures(self, program: Program, config: Config, record: PassRecord) -> None:
         program.gm.graph.lint()
-        for stage in program.meta.get("pipeline.stages", []):
+        plan = program.plan(PipelinePlan)
+        for stage in plan.modules if plan is not None else []:
             stage.graph.lint()
 
     def call(self, program: Program, config: Config) -> PassRecord:
@@ -117,10 +127,9 @@ class Pipeline(Pass):
                             "their gradients, or untie them in the model")
         plan = _plan(program, layout, built, config, tied)
         program.gm = built.top
-        program.meta["pipeline.stages"] = built.stage_modules
-        program.meta["pipeline.plan"] = plan
+        program.set_plan(plan)
         details = _report(layout, analysis, built, node_costs, cut_positions, config, tied, seconds)
-        details["plan"] = plan
+        details["plan"] = plan.to_dict()
         stats = {"stages": config.stages, "imbalance": details["imbalance"],
                  "bubble_fraction": details["bubble_fraction"],
                  "max_cut_bytes": max((c["bytes"] for c in details["cuts"]), default=0)}
@@ -167,7 +176,7 @@ class _Layout:
     def trainable(self, node: torch.fx.Node) -> bool:
         if node.op != "get_attr":
             return False
-        value = _attr(self.gm, str(node.target))
+        value = get_attr_value(self.gm, str(node.target))
         return isinstance(value, torch.nn.Parameter) and value.requires_grad
 
     def recomputable(self, node: torch.fx.Node) -> bool:
@@ -247,27 +256,9 @@ class _Layout:
         if balance == "time":
             assert seconds is not None
             return [float(seconds.get(n.name, 0.0)) for n in self.sequence]
-        seen: set[int] = set()
-        costs: list[float] = []
-        for node in self.sequence:
-            parameter_elements = parameter_bytes = 0
-            for tensor in _parameters_read(self.gm, node):
-                if id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    parameter_elements += tensor.numel()
-                    parameter_bytes += tensor.numel() * tensor.element_size()
-            if balance == "params":
-                costs.append(parameter_elements)
-            else:
-                costs.append(self.analysis[node].saved_bytes + 4 * parameter_bytes)
-        return costs
-
-
-def _attr(gm: torch.nn.Module, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
+        if balance == "params":
+            return [elements for elements, _ in node_parameter_costs(self.gm, self.sequence)]
+        return list(node_training_memory(self.gm, self.analysis, self.sequence))
 
 
 def _is_sym_size(node: torch.fx.Node) -> bool:
@@ -293,19 +284,6 @@ def _tensor_symbols(node: torch.fx.Node) -> list[str]:
     if not isinstance(value, torch.Tensor):
         return []
     return [s for s in (_symbol(d) for d in value.shape) if s is not None]
-
-
-def _parameters_read(gm: torch.nn.Module, node: torch.fx.Node) -> list[torch.Tensor]:
-    """Trainable parameters a compute node reads directly (get_attr inputs, or a called module's)."""
-    found: list[torch.Tensor] = []
-    if node.op == "call_module":
-        found.extend(p for p in _attr(gm, str(node.target)).parameters() if p.requires_grad)
-    for source in node.all_input_nodes:
-        if source.op == "get_attr":
-            value = _attr(gm, str(source.target))
-            if isinstance(value, torch.nn.Parameter) and value.requires_grad:
-                found.append(value)
-    return found
 
 
 # --------------------------------------------------------------------------------------------- cuts
@@ -523,7 +501,7 @@ def _loss_output_index(program: Program, layout: _Layout, output_leaves: list[to
     with torch.no_grad():
         torch.manual_seed(0)
         output = interpreter.run(*program.flat_inputs())
-    loss = _loss_field(output)
+    loss = loss_field(output)
     for index, leaf in enumerate(output_leaves):
         if loss is not None and interpreter.env.get(leaf) is loss:
             return index
@@ -531,20 +509,19 @@ def _loss_output_index(program: Program, layout: _Layout, output_leaves: list[to
 
 
 def _plan(program: Program, layout: _Layout, built: _Built, config: Pipeline.Config,
-          tied: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the runtime needs, JSON-ready: per stage its module name, inputs, direct inputs, outputs."""
+          tied: list[dict[str, Any]]) -> PipelinePlan:
+    """What the runtime needs: the stage modules and, per stage, its inputs, direct inputs and outputs."""
     output_leaves = [leaf for leaf in pytree.tree_leaves(layout.output.args[0]) if isinstance(leaf, torch.fx.Node)]
-    return {
-        "stages": config.stages, "schedule": config.schedule, "microbatches": config.microbatches,
-        "stages_per_rank": config.stages_per_rank if config.schedule == "interleaved" else 1,
-        "stage_modules": [f"{STAGE_PREFIX}{i}" for i in range(config.stages)],
-        "inputs": built.inputs, "direct_inputs": built.direct_inputs, "outputs": built.outputs,
-        "target_inputs": [n for n in built.direct_inputs[-1] if n not in built.direct_inputs[0]],
-        "first_nodes": [layout.sequence[start].name for start, _ in built.ranges],
-        "placeholders": [p.name for p in layout.placeholders],
-        "loss_output_index": _loss_output_index(program, layout, output_leaves),
-        "tied": tied, "capture_path": program.capture_path,
-    }
+    return PipelinePlan(
+        stages=config.stages, schedule=config.schedule, microbatches=config.microbatches,
+        stages_per_rank=config.stages_per_rank if config.schedule == "interleaved" else 1,
+        modules=list(built.stage_modules), stage_names=[f"{STAGE_PREFIX}{i}" for i in range(config.stages)],
+        inputs=built.inputs, direct_inputs=built.direct_inputs, outputs=built.outputs,
+        target_inputs=[n for n in built.direct_inputs[-1] if n not in built.direct_inputs[0]],
+        first_nodes=[layout.sequence[start].name for start, _ in built.ranges],
+        placeholders=[p.name for p in layout.placeholders],
+        loss_output_index=_loss_output_index(program, layout, output_leaves),
+        tied=[TiedParameter(t["parameter"], list(t["stages"])) for t in tied], capture_path=program.capture_path)
 
 
 def _report(layout: _Layout, analysis: Analysis, built: _Built, node_costs: list[float], cuts: list[int],

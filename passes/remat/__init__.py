@@ -92,6 +92,7 @@ class Remat(Pass):
     name = "remat"
     summary = "recompute cheap activations in backward (non-reentrant checkpoint segments) to fit a memory budget"
     exact = True
+    after = ("lora", "lowrank", "sas", "fuse", "amp")  # remat plans on the final graph
 
     @dataclass(frozen=True)
     class Config:

@@ -141,6 +141,10 @@ def save_nodes(gm: torch.fx.GraphModule, classes: Iterable[str]) -> set[torch.fx
     if "attention" in classes:
         for site in find_attention(gm):
             chosen.add(site.node)
+    # Fused ops other passes installed say their class (``effcompile_op_class``: norm, elementwise, loss_head);
+    # a fused loss head (its gradients are computed in its forward) is never recomputed.
+    chosen.update(n for n in gm.graph.nodes if n.op == "call_function" and
+                  getattr(n.target, "effcompile_op_class", None) in classes | {"loss_head"})
     if "norm" in classes:
         chosen.update(n for n in gm.graph.nodes if (n.op == "call_function" and n.target in NORM_TARGETS)
                       or (n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)),

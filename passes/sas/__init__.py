@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from effcompile.errors import OptionError, PassError
-from effcompile.graph import depends_on_input_data, finalize
+from effcompile.graph import depends_on_input_data, finalize, module_path
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.patterns import find_linears, match_attention
 from effcompile.program import Program
@@ -133,7 +133,7 @@ class StructuredAttentionSparsity(Pass):
     def call(self, program: Program, config: Config) -> PassRecord:
         gm = program.gm
         sites, misses = match_attention(gm)
-        unmatched = [{"node": m.node.name, "path": m.path, "reason": m.reason} for m in misses]
+        unmatched = [{"node": m.node.name, "path": module_path(m.node), "reason": m.reason} for m in misses if m.node]
         if not sites:
             existing = sum(isinstance(m, SparseAttention) for m in gm.modules())
             reason = (f"attention is already sparse ({existing} sas modules)" if existing else

@@ -25,10 +25,9 @@ import torch.fx
 import torch.nn.functional as F
 
 from effcompile.graph import reads_only_shape, set_submodule
-from effcompile.patterns import AttentionSite, LinearSite
+from effcompile.patterns import ASSERTION_OPS, AttentionSite, LinearSite, is_softmax
 
 aten = torch.ops.aten
-ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 _DTYPE_OPS = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.to.dtype_layout}
 _DTYPE_METHODS = {"to", "type_as", "float", "half", "bfloat16", "clone"}
 _MUL = {operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar, "mul"}
@@ -101,7 +100,7 @@ def plan_site(site: AttentionSite) -> SitePlan | str:
 def _plan_explicit(site: AttentionSite) -> SitePlan | str:
     plan = SitePlan(site, key_transposed=True, scale=1.0, chain=list(site.nodes))
     nodes = site.nodes
-    softmax_at = next(i for i, n in enumerate(nodes) if _is_softmax(n))
+    softmax_at = next(i for i, n in enumerate(nodes) if is_softmax(n))
     previous = nodes[0]
     for node in nodes[1:softmax_at]:  # score matmul → softmax
         others = [a for a in node.args if a is not previous]
@@ -153,12 +152,6 @@ def _plan_scale(plan: SitePlan, node: torch.fx.Node, other: Any) -> str | None:
         plan.scale_ops.append(("div" if divide else "mul", other))
         return None
     return f"scores multiplied by a tensor at {node.name}"
-
-
-def _is_softmax(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in {torch.softmax, F.softmax, aten._softmax.default,
-                                                            aten.softmax.int, torch.Tensor.softmax}) or \
-        (node.op == "call_method" and node.target == "softmax")
 
 
 @dataclass
@@ -299,7 +292,7 @@ def install(gm: torch.fx.GraphModule, plan: SitePlan, module: torch.nn.Module, e
         site.node.replace_all_uses_with(node)
     chain = set(plan.chain) | {u for n in plan.chain for u in n.users if reads_only_shape(u)}
     for candidate in list(graph.nodes):
-        if candidate.op == "call_function" and candidate.target in ASSERTIONS and \
+        if candidate.op == "call_function" and candidate.target in ASSERTION_OPS and \
                 any(arg in chain for arg in candidate.all_input_nodes) and not candidate.users:
             graph.erase_node(candidate)
     # Erase the replaced chain explicitly: dead-code elimination keeps random ops (SDPA, dropout).

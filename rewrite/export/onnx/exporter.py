@@ -27,7 +27,7 @@
 4. ``generate_artifacts`` with ``requires_grad`` = trainable parameters, ``frozen_params`` = the others
    (e.g. the base after ``lora``), ``loss=None`` (the loss is inside the graph) or a built-in loss when the
    program has none, AdamW in PyTorch's mode (``adam_mode=0``) with the hyper-parameters given; then (speed)
-   the training graph's gradient ``Sum`` nodes become chains of threaded ``Add`` (``sums_as_adds``).
+   the training graph's gradient ``Sum`` nodes become chains of threaded ``Add`` (``SumsAsAdds``).
 """
 
 from __future__ import annotations
@@ -52,17 +52,12 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from ...errors import ExportError
 from ...graph import get_attr_value, module_path, op_name
-from ...program import Program, _loss_field
-from .legalize import (
-    MAX_IR_VERSION,
-    ExportError,
-    _default_opset,
-    _node_where,
-    check_trainable,
-    legalize_for_training,
-    sums_as_adds,
-)
+from ...program import Program, loss_field
+from .check import check_trainable
+from .helpers import default_opset, node_where
+from .legalize import MAX_IR_VERSION, SumsAsAdds, legalize_for_training
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -175,7 +170,7 @@ def _export_training_artifacts(program: Program, folder: Path, lr: float, weight
         info.input_names = _user_inputs(folder / "training_model.onnx", trainable + frozen)
     _rewrite_saved(folder / "optimizer_model.onnx", _pytorch_adamw)
     if speed_rewrites:
-        info.legalisation["training_sums_as_adds"] = _rewrite_saved(folder / "training_model.onnx", sums_as_adds)
+        info.legalisation[SumsAsAdds.name] = _rewrite_saved(folder / "training_model.onnx", SumsAsAdds().call)
     manifest = asdict(info)
     if inference is not None:
         manifest["inference"] = inference
@@ -248,7 +243,7 @@ class _Wrapper(torch.nn.Module):
         if self._mode == "train":
             if self._loss_fn is not None:
                 return self._loss_fn(output, *args, **kwargs)
-            loss = _loss_field(output)
+            loss = loss_field(output)
             if loss is None:
                 raise ExportError("onnx export: the model returns no scalar `loss`; give the spec a loss_fn")
             return loss
@@ -333,7 +328,7 @@ def _export(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onn
     _rename_io(model, input_names, mode, program)
     names = _rename_parameters(model, program.gm)
     info = ExportInfo([i.name for i in model.graph.input], [o.name for o in model.graph.output],
-                      dynamic_batch=dynamic, opset=_default_opset(model))
+                      dynamic_batch=dynamic, opset=default_opset(model))
     return model, info, names
 
 
@@ -457,7 +452,7 @@ def _explain_ort_error(error: Exception, model: onnx.ModelProto, gm: torch.fx.Gr
     if match:
         op, node_name = match.group(1), match.group(2)
         node = next((n for n in model.graph.node if n.name == node_name or n.op_type == op), None)
-        where = _node_where(node, gm) if node is not None else "?"
+        where = node_where(node, gm) if node is not None else "?"
         return f"op {op} at {where} has no gradient in ONNX Runtime; rewrite it with differentiable ops"
     if "unreachable" in text:
         return "a parameter cannot reach the loss; check the ops between it and the loss"

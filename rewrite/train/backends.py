@@ -1,0 +1,301 @@
+"""What the training loop (``effcompile.train.loop``) drives: a backend takes optimizer steps, evaluates and
+saves/restores its own state; the loop owns the data, the log, validation, stopping and the summary.
+
+- ``TorchBackend``: a compiled module (or any ``nn.Module``) with the named optimizer, one parameter group
+  per layer and its LR schedule (``schedules``), adaptive gradient accumulation (``aga``); its checkpoint is
+  one ``checkpoint.pt`` (model, optimizer, scheduler, AGA, RNG states and the loop's state).
+- ``OrtBackend``: ONNX Runtime training artifacts (``OrtTrainer``), AdamW as exported, the warm-up /
+  cosine schedule applied per step; its checkpoint is ``ort_checkpoint`` plus ``ort_state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SpecError
+from .aga import AdaptiveAccumulation, GradientVarianceMeter
+from .config import CHECKPOINT, ORT_CHECKPOINT, ORT_STATE, TrainConfig
+from .inputs import input_builder, objective
+from .schedules import LayerSchedule, build_optimizer
+
+NextBatch = Callable[[], torch.Tensor]
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step: the mean micro-batch loss, how many micro-batches it took, its wall time in
+    seconds, and the fields it adds to the step's log record (``fields`` before the token counts —
+    ``lr``, ``accum`` —, ``extra`` after them)."""
+
+    loss: float
+    micro_batches: int
+    seconds: float
+    fields: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    """The interface the loop drives. ``name`` goes into the summary."""
+
+    name: str = ""
+
+    def train_step(self, next_batch: NextBatch, step: int) -> StepOutcome:
+        """One optimizer step at ``step`` (0-based) on micro-batches drawn with ``next_batch()``."""
+        raise NotImplementedError
+
+    def evaluate(self, batches: list[torch.Tensor]) -> float:
+        """The mean loss over ``batches`` without changing the parameters or the training RNG."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> Path:
+        """Write this backend's state and the loop's ``state`` (JSON-ready) under ``folder``; returns the
+        checkpoint's path."""
+        raise NotImplementedError
+
+    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Restore what ``save_checkpoint`` wrote under ``folder``; returns the loop's state. Raises
+        SpecError when there is no checkpoint."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------ torch
+
+class TorchBackend(Backend):
+    """Trains a module in PyTorch: N micro-batches per step (``accum``, or AGA's rule), gradient clipping,
+    the optimizer and its per-layer LR schedule. ``model``: an effcompile ``CompileResult`` (its module,
+    example inputs and loss are used) or an ``nn.Module``. Raises SpecError for a model it cannot feed."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[..., torch.Tensor] | None = None,
+                 example_inputs: Any = None) -> None:
+        self.config = config
+        self.module, args, kwargs, program_loss = _unpack(model)
+        if example_inputs is not None:
+            from ..spec import normalise_inputs
+
+            args, kwargs = normalise_inputs(example_inputs, "train()")
+        self.build_inputs = input_builder(self.module, args, kwargs)
+        program = getattr(model, "program", None)
+        if program is not None and program.capture_path == "export":
+            lengths = {v.shape[1] for v in [*args, *kwargs.values()]
+                       if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.is_floating_point()}
+            if lengths and config.seq not in lengths:
+                raise SpecError(f"the module was captured (torch.export) at sequence length {min(lengths)}, "
+                                f"which its graph fixes; train with --seq {min(lengths)} or compile at seq "
+                                f"{config.seq}")
+        self.loss_fn = loss_fn or program_loss
+        self.device = _device_of(self.module)
+        self.optimizer, self.scheduler = build_optimizer(self.module, config)
+        self.parameters = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.aga = AdaptiveAccumulation(config.aga_alpha, config.aga_epsilon, config.max_accum, config.aga_beta,
+                                        config.accum, config.aga_probe_every, config.aga_relative)
+        self.meter = GradientVarianceMeter(self.parameters) if config.aga else None
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.build_inputs(tokens)
+        return objective(self.module(*args, **kwargs), tokens, args, kwargs, self.loss_fn)
+
+    def train_step(self, next_batch: NextBatch, step: int) -> StepOutcome:
+        """One optimizer step over N micro-batches (the step's LR comes from the scheduler)."""
+        config = self.config
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        n = self.aga.next_accum() if config.aga else config.accum
+        rule = self.aga.rule() if config.aga else n
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.meter is not None:
+            self.meter.start(n)
+        total = torch.zeros((), device=self.device)
+        for _ in range(n):
+            loss = self._loss(next_batch().to(self.device, non_blocking=True))
+            (loss / n).backward()
+            if self.meter is not None:
+                self.meter.after_backward()
+            total += loss.detach().float()
+        variance = self.meter.finish() if self.meter is not None else None
+        self.aga.observe(variance, self.meter.mean_sq if self.meter is not None else None, n)
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        mean_loss = float(total) / n  # synchronises: the step time below is real
+        seconds = time.perf_counter() - started
+        extra: dict[str, Any] = {}
+        if config.aga:
+            extra.update(sigma2=self.aga.sigma2, step_sigma2=variance, signal=self.aga.signal, epsilon=self.aga.epsilon)
+        if self.device.type == "cuda":
+            extra["peak_mem_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return StepOutcome(mean_loss, n, seconds, {"lr": lrs[0], "lr_last": lrs[-1], "accum": n, "accum_rule": rule},
+                           extra)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[torch.Tensor]) -> float:
+        """Mean loss over ``batches`` in eval mode (RNG state untouched, so training is unaffected)."""
+        was_training = self.module.training
+        self.module.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            losses = [self._loss(tokens.to(self.device)).float() for tokens in batches]
+            value = float(torch.stack(losses).mean())
+        self.module.train(was_training)
+        return value
+
+    def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> Path:
+        """``folder/checkpoint.pt``: model, optimizer, scheduler, AGA, RNG and the loop's ``state``, written
+        atomically."""
+        path = folder / CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        everything = {**state, "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                      "scheduler": self.scheduler.state_dict(), "aga": self.aga.state_dict(),
+                      "rng": _rng_state(self.device)}
+        temporary = path.with_suffix(".tmp")
+        torch.save(everything, temporary)
+        os.replace(temporary, path)
+        return path
+
+    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Restore ``folder/checkpoint.pt``. The LR schedule follows the current config (a resumed run may
+        train for more steps); only the scheduler's step counter comes from the checkpoint."""
+        path = folder / CHECKPOINT
+        if not path.exists():
+            raise SpecError(f"--resume: {path} does not exist; run without --resume first")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.module.load_state_dict(state.pop("model"))
+        self.optimizer.load_state_dict(state.pop("optimizer"))
+        schedules = [dict(vars(f)) for f in self.scheduler.lr_lambdas]
+        self.scheduler.load_state_dict(state.pop("scheduler"))
+        for function, attributes in zip(self.scheduler.lr_lambdas, schedules):
+            vars(function).update(attributes)
+        for group, base, function in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                         self.scheduler.lr_lambdas):
+            group["lr"] = base * function(self.scheduler.last_epoch)
+        self.aga.load_state_dict(state.pop("aga"))
+        rng = state.pop("rng")
+        rng["torch"] = rng["torch"].cpu()
+        if "cuda" in rng:
+            rng["cuda"] = rng["cuda"].cpu()
+        _set_rng_state(rng, self.device)
+        return state
+
+
+def _unpack(model: Any) -> tuple[torch.nn.Module, tuple, dict[str, Any], Callable[..., torch.Tensor] | None]:
+    program = getattr(model, "program", None)
+    if program is not None and isinstance(getattr(model, "module", None), torch.nn.Module):
+        return model.module, tuple(program.args), dict(program.kwargs), program.loss_fn
+    if isinstance(model, torch.nn.Module):
+        return model, (), {}, None
+    raise SpecError(f"train() needs an effcompile CompileResult or a torch.nn.Module, got {type(model).__name__}")
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# -------------------------------------------------------------------------------------------------- ORT
+
+class OrtBackend(Backend):
+    """Trains ONNX Runtime training artifacts (``folder``: ``effcompile --export onnx``'s ``onnx/``) with
+    the AdamW they were exported with, setting the warm-up / cosine learning rate before each step. One
+    micro-batch per step: the graph and optimizer are fixed at export. ``device``: ``"cpu"`` or ``"cuda"``.
+    Raises OptionError when ``onnxruntime-training`` is missing."""
+
+    name = "ort"
+
+    def __init__(self, folder: str | Path, config: TrainConfig, device: str = "cpu") -> None:
+        from ..errors import OptionError
+
+        try:
+            from .ort import OrtTrainer
+        except ImportError as error:
+            raise OptionError(f"--backend ort is not available ({error}); pip install 'effcompile[ort]'") from error
+        self.folder, self.config, self.device = Path(folder), config, device
+        self._session_class = OrtTrainer
+        self._trainer: Any = None
+        self._checkpoint: Path | None = None  # where the session starts from (None: the export's parameters)
+        self.schedule = LayerSchedule(0, 0, 1.0, config.warmup, config.schedule_steps or config.steps,
+                                      config.schedule == "cosine")
+
+    @property
+    def trainer(self) -> Any:
+        """The ``OrtTrainer`` session, opened at first use (from the checkpoint ``load_checkpoint`` found)."""
+        if self._trainer is None:
+            self._trainer = self._session_class(self.folder, self._checkpoint, lr=self.config.lr, device=self.device)
+        return self._trainer
+
+    def _feeds(self, tokens: torch.Tensor) -> dict[str, Any]:
+        return {name: tokens * 0 + 1 if name == "attention_mask" else tokens for name in self.trainer.input_names}
+
+    def train_step(self, next_batch: NextBatch, step: int) -> StepOutcome:
+        """One ORT step (forward, backward, AdamW) at the scheduled learning rate. Raises SpecError naming
+        the likely cause when ONNX Runtime refuses the batch (the artifacts fix their shapes)."""
+        lr = self.config.lr * self.schedule(step)
+        self.trainer.set_learning_rate(lr)
+        tokens = next_batch()
+        try:
+            loss = self.trainer.step(self._feeds(tokens))
+        except Exception as error:  # ORT's shape errors: name the likely cause
+            raise SpecError(f"ORT training step failed ({str(error).splitlines()[0][:200]}); the artifacts "
+                            "fix the shapes they were exported with: pass the export's --batch/--seq") from error
+        return StepOutcome(loss, 1, self.trainer.last_step_seconds, {"lr": lr, "accum": 1})
+
+    def evaluate(self, batches: list[torch.Tensor]) -> float:
+        """Mean loss of the eval model over ``batches``."""
+        return sum(self.trainer.eval(self._feeds(b)) for b in batches) / len(batches)
+
+    def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> Path:
+        """``folder/ort_checkpoint`` (parameters, AdamW moments) and ``folder/ort_state.json`` (the loop)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = Path(self.trainer.save_checkpoint(folder / ORT_CHECKPOINT))
+        (folder / ORT_STATE).write_text(json.dumps(state, default=str))
+        return path
+
+    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Reopen the artifacts from ``folder/ort_checkpoint``; returns ``ort_state.json``."""
+        state_file = folder / ORT_STATE
+        if not state_file.exists():
+            raise SpecError(f"--resume: {state_file} does not exist; run without --resume first")
+        self._checkpoint, self._trainer = folder / ORT_CHECKPOINT, None
+        return json.loads(state_file.read_text())
+
+
+def exported_shape(folder: str | Path) -> tuple[int | None, int | None]:
+    """The (batch, seq) the training model's first input was exported with (None where symbolic or
+    unreadable)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(Path(folder) / "training_model.onnx"), load_external_data=False)
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        return (values[0], values[1]) if len(values) == 2 else (None, None)
+    except Exception:  # the shapes are a convenience default; the step reports real mismatches
+        return None, None
+
