@@ -8,6 +8,7 @@ the best), ``start_warmup`` / ``finish_warmup`` (dense training passes first, th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -34,6 +35,10 @@ from .kernels import (
 from .patterns import HeadPattern, TokenMask
 
 STATES = ("sparse", "calibrating", "warmup")
+# Attributes of SparseAttention that are not data (rebuilt after loading), with the factory of their value:
+# what the safe save format needs to know (``@serializable(transient=TRANSIENT_ATTRIBUTES)``).
+TRANSIENT_ATTRIBUTES: dict[str, Callable[[], Any]] = {
+    "cache": lambda: MaskCache(), "importance": lambda: None, "_mask": lambda: None, "_entries": dict}
 
 
 class MaskCache:
@@ -100,7 +105,8 @@ class SparseAttention(torch.nn.Module):
         self.backend = backend
         self.heads_in_batch = heads_in_batch
         self.kernel_options = kernel_options
-        self.head_patterns = tuple(head_patterns)
+        self.rules: tuple[dict[str, Any], ...] = ()  # the head patterns as plain data (saved as such)
+        self.chunk = 0
         self.cache = cache if cache is not None else MaskCache()
         self.register_buffer("tile_mask", tile_mask if tile_mask is not None else torch.ones(1, 1, 1, dtype=torch.bool))
         self._state = "sparse"
@@ -110,6 +116,7 @@ class SparseAttention(torch.nn.Module):
         self._select_group = 1
         self._mask: TokenMask | None = None
         self._entries: dict[tuple, Any] = {}  # this module's view of the shared cache, by shape
+        self.set_pattern(tuple(head_patterns))
 
     # --- state, changed only through these methods -------------------------------------------------------
     @property
@@ -124,7 +131,8 @@ class SparseAttention(torch.nn.Module):
 
     def set_pattern(self, head_patterns: tuple[HeadPattern, ...], tiles: torch.Tensor | None = None) -> None:
         """Use ``head_patterns`` (one, or one per head); ``tiles`` replaces the tile buffer."""
-        self.head_patterns = tuple(head_patterns)
+        self.rules = tuple(dataclasses.asdict(h) for h in head_patterns)
+        self.chunk = _block_chunk(tuple(head_patterns))
         if tiles is not None:
             self.tile_mask = tiles.to(self.tile_mask.device, torch.bool)
         self._mask_changed()
@@ -174,12 +182,9 @@ class SparseAttention(torch.nn.Module):
         self._mask_changed()  # the tile buffer may hold other tiles now
 
     @property
-    def chunk(self) -> int:
-        """Tokens per block when every head runs the ``block`` pattern (the chunked kernel), else 0."""
-        blocks = {h.block for h in self.head_patterns}
-        simple = all(h.block and not (h.window or h.stride or h.n_global or h.dense or h.tiles)
-                     for h in self.head_patterns)
-        return blocks.pop() if simple and len(blocks) == 1 else 0
+    def head_patterns(self) -> tuple[HeadPattern, ...]:
+        """The rule of each head (one shared by all heads, or one per head)."""
+        return tuple(HeadPattern(**rule) for rule in self.rules)
 
     def _entry(self, kind: str, query: torch.Tensor, key: torch.Tensor, build: Callable[[], Any]) -> Any:
         """What ``kind`` needs at this shape: a plain dict lookup after the first call (cheap under
@@ -363,6 +368,13 @@ class SparseAttention(torch.nn.Module):
         names = ",".join(sorted({h.name for h in self.head_patterns}))
         return (f"pattern={names}, block_size={self.block_size}, causal={self.causal}, backend={self.backend}, "
                 f"tiles={heads}x{rows}x{cols}, state={self._state}")
+
+
+def _block_chunk(head_patterns: tuple[HeadPattern, ...]) -> int:
+    """Tokens per block when every head runs the plain ``block`` pattern (the chunked kernel), else 0."""
+    blocks = {h.block for h in head_patterns}
+    simple = all(h.block and not (h.window or h.stride or h.n_global or h.dense or h.tiles) for h in head_patterns)
+    return blocks.pop() if simple and len(blocks) == 1 else 0
 
 
 def _causal_mask(attn_mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
