@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sas_models import global_window, long_step, quality, timed_steps  # noqa: E402
+from bench_sas_models import ROW_KEYS, global_window, long_step, quality, timed_steps  # noqa: E402
 
 from effcompile.passes.sas.importance import select_important_tiles  # noqa: E402
 from effcompile.passes.sas.kernels import reference_attention  # noqa: E402
@@ -269,8 +269,9 @@ def main() -> None:
     parser.add_argument("--long-seq", type=int, default=32768, help="--long sequence length")
     parser.add_argument("--steps-timed", type=int, default=10, help="--long timed steps per configuration (≥ 10)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="--long: eager instead of compiled")
-    parser.add_argument("--long-flash", action="store_true",
-                        help="--long: also importance chosen by groups of 4 query blocks on the flash kernel")
+    parser.add_argument("--rows", default="dense,global,importance",
+                        help="--long/--quality rows, comma-separated from dense, global (local+global), importance, "
+                             "flash (importance by groups of 4 query blocks on the flash kernel)")
     parser.add_argument("--quality-seq", type=int, default=8192)
     parser.add_argument("--quality-batch", type=int, default=4)
     parser.add_argument("--quality-steps", type=int, default=300)
@@ -278,6 +279,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540.0, help="start no new configuration after this long")
     args = parser.parse_args()
     args.seqs = [int(s) for s in args.seqs.split(",") if s]
+    args.rows = tuple(r for r in args.rows.split(",") if r)
+    unknown = set(args.rows) - set(ROW_KEYS)
+    if unknown:
+        raise SystemExit(f"bench_sas: --rows {sorted(unknown)[0]!r} is unknown; use {', '.join(ROW_KEYS)}")
     args.over_budget = lambda: time.perf_counter() - STARTED > args.budget_s
     device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
     sections = [s for s in ("kernels", "long", "quality", "cpu") if getattr(args, s)]

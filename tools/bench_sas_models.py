@@ -97,18 +97,27 @@ def global_window(seq: int, density: float, n_global: int, block_size: int) -> i
     return low if abs(tiles(low) - density) <= abs(tiles(max(low - 1, 1)) - density) else max(low - 1, 1)
 
 
-def sas_configs(seq: int, block_size: int, n_global: int, density: float,
+ROW_KEYS = ("dense", "global", "importance", "flash")
+
+
+def sas_configs(seq: int, block_size: int, n_global: int, density: float, rows: tuple[str, ...],
                 warmup: int = 0) -> list[tuple[str, dict[str, Any] | None]]:
-    """(row name, sas options or None for dense) of the long and quality runs."""
+    """(row name, sas options or None for dense) of the long and quality runs, for the ``rows`` asked
+    (``ROW_KEYS``: dense, local+global, importance, importance by groups of 4 on the flash kernel)."""
     window = global_window(seq, density, n_global, block_size)
     importance: dict[str, Any] = {"pattern": "importance", "density": density, "block_size": block_size,
                                   "calib_steps": 1}
     if warmup:
         importance["warmup"] = warmup
-    return [("dense", None),
-            (f"sas local+global {density:.0%} (window {window}, {n_global} global)",
-             {"pattern": "global", "window": window, "n_global": n_global, "block_size": block_size}),
-            (f"sas importance {density:.0%}", importance)]
+    configs = {
+        "dense": ("dense", None),
+        "global": (f"sas local+global {density:.0%} (window {window}, {n_global} global)",
+                   {"pattern": "global", "window": window, "n_global": n_global, "block_size": block_size}),
+        "importance": (f"sas importance {density:.0%}", importance),
+        "flash": (f"sas importance {density:.0%} groups of 4 (flash kernel)",
+                  {**importance, "group": 4, "backend": "flash"}),
+    }
+    return [configs[key] for key in ROW_KEYS if key in rows]
 
 
 def timed_steps(step: Callable[[], None], device: str, warmup: int, steps: int) -> list[float]:
@@ -173,11 +182,7 @@ def long_step(args: Any, device: str, emit: Emit) -> None:
     base = LlamaStyle(layers, width, heads, ff, seq).to(device)
     idx = torch.randint(0, 256, (1, seq), device=device)
     dense_ms = None
-    configs = sas_configs(seq, block_size, 64 if args.quick else 128, 0.25)
-    if args.long_flash:  # importance chosen by groups of 4 query blocks, run by the flash kernel
-        configs.append(("sas importance 25% group 4 (flash kernel)", {
-            "pattern": "importance", "density": 0.25, "block_size": block_size, "calib_steps": 1, "group": 4,
-            "backend": "flash"}))
+    configs = sas_configs(seq, block_size, 64 if args.quick else 128, 0.25, args.rows)
     for name, options in configs:
         if args.over_budget():
             emit({"section": "long", "config": name, "skipped": "time budget"})
@@ -227,7 +232,7 @@ def quality(args: Any, device: str, emit: Emit) -> None:
     torch.manual_seed(0)
     base = LlamaStyle(layers, width, heads, ff, seq).to(device)
     dense_loss = None
-    for name, options in sas_configs(seq, block_size, 32 if args.quick else 128, 0.25, warmup=warmup):
+    for name, options in sas_configs(seq, block_size, 32 if args.quick else 128, 0.25, args.rows, warmup=warmup):
         if args.over_budget():
             emit({"section": "quality", "config": name, "skipped": "time budget"})
             continue
