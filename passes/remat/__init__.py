@@ -64,12 +64,11 @@ from .plan import (
     budget_candidates,
     build_problem,
     evaluate,
-    optimise,
     save_nodes,
-    smallest_peak,
     sqrt_plan,
 )
 from .segment import extract_segment, is_segment
+from .solve import optimise, smallest_peak
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,8 @@ class Remat(Pass):
             if budget_bytes >= problem.baseline_bytes:
                 plan, solver = [], "none (budget met without recomputation)"
             else:
-                plan, solver = optimise(problem, candidates, budget_bytes)
+                solution, solver = optimise(problem, candidates, budget_bytes)
+                plan = solution.segments if solution is not None else None
                 if plan is None:
                     reachable = smallest_peak(problem, candidates)
                     raise PassError(
