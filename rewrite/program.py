@@ -6,13 +6,14 @@ import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
 LossFn = Callable[..., torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Program:
         capture_path: ``"symbolic_trace"`` or ``"export"``.
         name: a human name for the model (file name or ``hf:<type>``).
         meta: free-form metadata passes may add to (e.g. ``"sas.block_masks"``).
+        plans: each pass's state for later consumers, a typed object stored under its type
+            (``program.plan(AmpState)``).
     """
 
     gm: torch.fx.GraphModule
@@ -37,12 +40,21 @@ class Program:
     capture_path: str = "symbolic_trace"
     name: str = "model"
     meta: dict[str, Any] = field(default_factory=dict)
+    plans: dict[type, Any] = field(default_factory=dict)
+
+    def plan(self, kind: type[T]) -> T | None:
+        """The state of type ``kind`` a pass left on this program, or None."""
+        return self.plans.get(kind)
+
+    def set_plan(self, plan: Any) -> None:
+        """Store ``plan`` under its type (replacing an earlier one of that type)."""
+        self.plans[type(plan)] = plan
 
     def clone(self) -> Program:
         """Return a deep copy whose GraphModule and parameters are independent of this one."""
         gm = copy.deepcopy(self.gm)
         return Program(gm, self.args, dict(self.kwargs), self.loss_fn, self.capture_path, self.name,
-                       copy.deepcopy(self.meta))
+                       copy.deepcopy(self.meta), copy.deepcopy(self.plans))
 
     def run(self, module: torch.nn.Module | None = None) -> Any:
         """Call ``module`` (default: this program's GraphModule) on the example inputs."""

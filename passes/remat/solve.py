@@ -40,15 +40,21 @@ MAX_OFFLOAD_CHOICES = 12  # per region: the largest offloadable storages whose s
 
 @dataclass
 class OffloadModel:
-    """What the planner knows about offloading: which storages may move to host memory (id → the region
-    whose backward uses them), the compute each region's copies overlap (region → (forward seconds of the
-    region after it, backward seconds of the region after it)) and the host link's bytes/s."""
+    """What the planner knows about offloading: which storages may move to host memory, the compute each
+    region's copies overlap (region → (forward seconds of the region after it, backward seconds of the region
+    after it), real seconds), the host link's bytes/s, and ``time_scale`` = real seconds ÷ roofline seconds
+    (exposed copy seconds are divided by it to add up with roofline recompute costs)."""
 
-    storages: dict[int, int]
+    storages: set[int]
     windows: dict[int, tuple[float, float]]
     link_bytes_per_second: float
     profile: DeviceProfile
     widen: bool = False  # "on": then offload every further kept storage whose copies hide completely
+    time_scale: float = 1.0
+
+    def exposed_cost(self, seconds: float) -> float:
+        """Exposed copy seconds in the solver's unit (roofline FLOP-equivalents)."""
+        return seconds_cost(seconds / self.time_scale, self.profile)
 
     def exposed_seconds(self, region: int, nbytes: float) -> float:
         """Copy seconds of ``nbytes`` offloaded in ``region`` that its windows cannot hide (both ways)."""
@@ -330,7 +336,7 @@ def _offload_options(problem: Problem, layout: _Layout, region: int, model: Offl
             for index in first[np.isfinite(exposed[first])]:
                 total, subset = sums[index]
                 rows.append(_RegionOption(option.chosen, option.kept_bytes - total, option.transient_bytes,
-                                          option.cost + seconds_cost(float(exposed[index]), model.profile),
+                                          option.cost + model.exposed_cost(float(exposed[index])),
                                           option.kept, subset, total, float(exposed[index])))
     return rows
 
@@ -434,3 +440,61 @@ def smallest_peak(problem: Problem, candidates: Sequence[Candidate], offload: Of
     if status == "too many region plans":
         return evaluate(problem, solve_greedy(problem, candidates, None)).peak_bytes
     return smallest
+
+
+def storage_regions(problem: Problem, segments: Sequence[Candidate]) -> dict[int, int]:
+    """Storage id → the one region (index of ``problem.regions``) that saves or consumes it under the plan
+    ``segments``; storages used by several regions (or by nodes outside every region) are left out."""
+    region_of = {n: r for r, (_, run) in enumerate(problem.regions) for n in run}
+    covered = {n for c in segments for n in c.members}
+    owners: dict[int, set[int]] = {}
+    for node in problem.nodes:
+        if node not in covered:
+            for k in problem.saved[node]:
+                owners.setdefault(k, set()).add(region_of.get(node, -1))
+    for candidate in segments:
+        for k in candidate.inputs:
+            owners.setdefault(k, set()).add(candidate.region)
+    return {k: next(iter(r)) for k, r in owners.items() if len(r) == 1 and -1 not in r}
+
+
+def exposed_seconds(problem: Problem, offloaded: dict[int, int], model: OffloadModel) -> float:
+    """Copy seconds of the plan's offloads that their regions' windows cannot hide."""
+    by_region: dict[int, int] = {}
+    for k, region in offloaded.items():
+        by_region[region] = by_region.get(region, 0) + problem.storage_bytes[k]
+    return sum(model.exposed_seconds(region, nbytes) for region, nbytes in by_region.items())
+
+
+def widen_offload(problem: Problem, segments: Sequence[Candidate], offloaded: dict[int, int], model: OffloadModel,
+                  budget_bytes: float | None) -> dict[int, int]:
+    """``offloaded`` plus, region by region, the largest set of further kept eligible storages whose copies
+    still hide completely behind the region's windows, kept only while the predicted peak stays within
+    ``budget_bytes`` (None: does not rise). Used by ``offload=on`` and by the ``blocks``/``sqrt`` policies."""
+    current = dict(offloaded)
+    limit = budget_bytes if budget_bytes is not None else evaluate(problem, segments, current).peak_bytes
+    kept = evaluate_kept(problem, segments)
+    owned = storage_regions(problem, segments)
+    for region in range(len(problem.regions)):
+        forward, backward = model.windows.get(region, (0.0, 0.0))
+        room = model.link_bytes_per_second * min(forward, backward)
+        room -= sum(problem.storage_bytes[k] for k, r in current.items() if r == region)
+        movable = sorted((k for k, r in owned.items() if r == region and k in kept and k in model.storages
+                          and k not in current), key=lambda k: (-problem.storage_bytes[k], k))[:MAX_OFFLOAD_CHOICES]
+        if room <= 0 or not movable:
+            continue
+        sizes = {k: problem.storage_bytes[k] for k in movable}
+        fitting = [(total, subset) for total, subset in _subset_sums(movable, sizes) if 0 < total <= room]
+        if not fitting:
+            continue
+        trial = {**current, **{k: region for k in max(fitting, key=lambda pair: pair[0])[1]}}
+        if evaluate(problem, segments, trial).peak_bytes <= limit:
+            current = trial
+    return current
+
+
+def evaluate_kept(problem: Problem, segments: Sequence[Candidate]) -> set[int]:
+    """The storages a plan keeps for backward (saved outside every segment, or a segment's inputs)."""
+    covered = {n for c in segments for n in c.members}
+    kept = {k for n in problem.nodes if n not in covered for k in problem.saved[n]}
+    return kept | {k for c in segments for k in c.inputs}
