@@ -13,16 +13,16 @@ produced by a graph node, not returned by the graph) can each be kept or moved t
 An offloaded subset of ``s`` bytes lowers what the region keeps on the device by ``s``, costs the copy
 time that its region's windows cannot hide (``OffloadModel.exposed_seconds``: device→host beside the next
 region's forward, host→device beside its backward), and is back on the device during its region's
-backward and while the region after it runs backward (the prefetch). The knapsack holds, per region r,
-kept so far + r's transient + r's offload + P ≤ budget − shared, where P (bytes reserved for the
-previous region's prefetch) bounds every region's offload; every P a plan can use is tried and the
-cheapest plan kept. Exact within that model; the subsets are enumerated over the region's
-``MAX_OFFLOAD_CHOICES`` largest offloadable storages.
+backward and while the region after it runs backward (the prefetch). A second knapsack, whose state is
+(kept buckets, the previous region's offload buckets), holds at each region r: kept so far + r's
+transient + r's offload + (r−1)'s offload ≤ budget − shared, and its plan is taken when it is cheaper
+than the recompute-only one. Exact within that model (options are compared after rounding to buckets,
+as the knapsack sees them); the subsets are enumerated over each region's ``MAX_OFFLOAD_CHOICES``
+largest offloadable storages.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -278,24 +278,70 @@ def _knapsack(regions: Sequence[int], frontier: dict[int, list[_RegionOption]], 
     return cost, chosen[::-1]
 
 
-def _prune(options: Sequence[_RegionOption], unit: float) -> list[_RegionOption]:
-    """Options not dominated in (kept buckets, transient + offload buckets, cost): what the knapsack sees."""
-    needs: list[int] = []  # a staircase of the cheaper options: needs ascending, extras descending
-    extras: list[int] = []
-    kept: list[_RegionOption] = []
-    keyed = [(o.cost, _buckets(o.kept_bytes, unit), _buckets(o.transient_bytes + o.offloaded_bytes, unit), i)
-             for i, o in enumerate(options)]
-    for _, need, extra, i in sorted(keyed):
-        at = bisect.bisect_right(needs, need)
-        if at and extras[at - 1] <= extra:
-            continue
-        first = bisect.bisect_left(needs, need)
-        last = first
-        while last < len(needs) and extras[last] >= extra:
-            last += 1
-        needs[first:last], extras[first:last] = [need], [extra]
-        kept.append(options[i])
-    return kept
+def _prune_offload(options: Sequence[_RegionOption], unit: float) -> list[_RegionOption]:
+    """Options not dominated in (kept buckets, transient + offload buckets, offload buckets, cost): what the
+    offload knapsack sees (the offload buckets limit the next region's room)."""
+    if not options:
+        return []
+    need = np.array([_buckets(o.kept_bytes, unit) for o in options])
+    extra = np.array([_buckets(o.transient_bytes + o.offloaded_bytes, unit) for o in options])
+    off = np.array([_buckets(o.offloaded_bytes, unit) for o in options])
+    cost = np.array([o.cost for o in options])
+    kept: list[int] = []
+    for i in np.lexsort((off, extra, need, cost)):  # cheapest first: only a cheaper option can dominate
+        if kept:
+            k = np.array(kept)
+            if np.any((need[k] <= need[i]) & (extra[k] <= extra[i]) & (off[k] <= off[i])):
+                continue
+        kept.append(int(i))
+    return [options[i] for i in kept]
+
+
+def _knapsack_offload(rows: Sequence[Sequence[_RegionOption]], unit: float, budget: float, shared: float,
+                      ) -> tuple[float, list[_RegionOption]] | None:
+    """Least total cost of one option per region (``rows[r]``: region r's options, every region in graph
+    order) with, at each region, kept so far + its transient + its offload + the previous region's offload
+    ≤ budget − shared (all in buckets). State: (kept buckets, the previous region's offload buckets)."""
+    buckets = int((budget - shared) // unit)
+    if buckets < 0:
+        return None
+    buckets = min(buckets, 4 * DP_BUCKETS)
+    widest = max((_buckets(o.offloaded_bytes, unit) for options in rows for o in options), default=0)
+    table = np.full((buckets + 1, widest + 1), np.inf)
+    table[0, 0] = 0.0
+    kept_range = np.arange(buckets + 1)
+    history: list[tuple[np.ndarray, np.ndarray]] = []
+    for options in rows:
+        prefix = np.minimum.accumulate(table, axis=1)  # best over the previous region's offload ≤ j
+        argument = np.zeros(table.shape, dtype=np.int32)
+        for j in range(1, widest + 1):
+            argument[:, j] = np.where(table[:, j] < prefix[:, j - 1], j, argument[:, j - 1])
+        new = np.full(table.shape, np.inf)
+        pick = np.full(table.shape, -1, dtype=np.int32)
+        for i, option in enumerate(options):
+            need, off = _buckets(option.kept_bytes, unit), _buckets(option.offloaded_bytes, unit)
+            limit = buckets - need - _buckets(option.transient_bytes + option.offloaded_bytes, unit)
+            if limit < 0:
+                continue
+            before = kept_range[:limit + 1]
+            value = prefix[before, np.minimum(limit - before, widest)] + option.cost
+            better = value < new[before + need, off]
+            new[before[better] + need, off] = value[better]
+            pick[before[better] + need, off] = i
+        if not np.isfinite(new).any():
+            return None
+        history.append((pick, argument))
+        table = new
+    kept, previous = np.unravel_index(int(np.argmin(table)), table.shape)
+    cost = float(table[kept, previous])
+    chosen: list[_RegionOption] = []
+    for options, (pick, argument) in zip(reversed(rows), reversed(history)):
+        option = options[int(pick[kept, previous])]
+        chosen.append(option)
+        kept -= _buckets(option.kept_bytes, unit)
+        limit = buckets - _buckets(option.kept_bytes, unit) - _buckets(option.transient_bytes + option.offloaded_bytes, unit)
+        previous = int(argument[kept, min(limit - kept, widest)])
+    return cost, chosen[::-1]
 
 
 def _subset_sums(movable: Sequence[int], sizes: dict[int, int]) -> list[tuple[int, frozenset[int]]]:
@@ -355,33 +401,30 @@ def _solution(problem: Problem, layout: _Layout, chosen: Sequence[tuple[int, _Re
 
 def _solve(problem: Problem, layout: _Layout, budget: float, offload: OffloadModel | None,
            frontier: dict[int, list[_RegionOption]]) -> Solution | None:
-    """The cheapest plan within ``budget``: recompute only, or (with ``offload``) the best over every
-    reservation P; a plan with offload is taken only when it is strictly cheaper."""
+    """The cheapest plan within ``budget``: recompute only, or (with ``offload``) the offload knapsack's plan
+    when it is strictly cheaper."""
     regions = sorted(layout.options)
     unit = max(problem.baseline_bytes, 1) / DP_BUCKETS
     solved = _knapsack(regions, frontier, unit, budget, layout.shared)
     best = _solution(problem, layout, solved[1], solved[0]) if solved is not None else None
     if offload is None or not offload.storages:
         return best
-    rows_by_key: dict[tuple, list[_RegionOption]] = {}
-    key_of: dict[int, tuple] = {}
-    for region in regions:
+    pruned: dict[tuple, list[_RegionOption]] = {}
+    rows: list[list[_RegionOption]] = []
+    for region in range(len(problem.regions)):  # every region: the previous one's prefetch must fit in each
+        if region not in layout.options:
+            rows.append([_RegionOption((), 0, 0, 0.0)])
+            continue
         key = (layout.signature[region], offload.windows.get(region),
                frozenset(layout.names[region][k] for k in layout.local[region] if k in offload.storages))
-        if key not in rows_by_key:
-            rows_by_key[key] = _offload_options(problem, layout, region, offload, unit)
-        key_of[region] = key
-    reserves = sorted({_buckets(o.offloaded_bytes, unit) for rows in rows_by_key.values() for o in rows})
-    pruned: dict[tuple, list[_RegionOption]] = {key: [] for key in rows_by_key}
-    for reserve in reserves:
-        if reserve > (budget - layout.shared) / unit:
-            break
-        for key, rows in rows_by_key.items():  # the frontier at P = the frontier so far + the rows P admits
-            pruned[key] = _prune(pruned[key] + [o for o in rows if _buckets(o.offloaded_bytes, unit) == reserve], unit)
-        solved = _knapsack(regions, {r: pruned[key_of[r]] for r in regions}, unit, budget, layout.shared, reserve)
-        if solved is not None and (best is None or solved[0] < best.cost * (1 - 1e-9) - 1e-9):
-            best = _solution(problem, layout, solved[1], solved[0])
-    return best
+        if key not in pruned:
+            pruned[key] = _prune_offload(_offload_options(problem, layout, region, offload, unit), unit)
+        rows.append(pruned[key])
+    solved_offload = _knapsack_offload(rows, unit, budget, layout.shared)
+    if solved_offload is None or (best is not None and not solved_offload[0] < best.cost * (1 - 1e-9) - 1e-9):
+        return best
+    chosen = [(region, option) for region, option in enumerate(solved_offload[1]) if region in layout.options]
+    return _solution(problem, layout, chosen, solved_offload[0])
 
 
 def solve_dp(problem: Problem, candidates: Sequence[Candidate], budget_bytes: float | None,
