@@ -1,4 +1,5 @@
-"""``remat``: recompute cheap activations in backward instead of keeping them, to fit a memory budget.
+"""``remat``: recompute cheap activations in backward, or offload them to host memory, instead of keeping
+them on the device, to fit a memory budget.
 
 1. Measure the graph once (``effcompile.analysis``): per node, the storages autograd saves for backward,
    the storages of its outputs and its forward FLOPs. Compute nodes are those that depend on a trainable
@@ -9,7 +10,7 @@
    fine run (recomputes only the cheap ops between saved ops), each prefix and suffix of the region
    (part-block segments), and the whole region.
 3. Choose the segments (policy ``budget``): minimise the recompute cost (``cost``: FLOPs, or by
-   default a roofline time estimate — see ``_remat_plan``) subject to the predicted *peak* of
+   default a roofline time estimate on a device profile, from ``effcompile.analysis``) subject to the predicted *peak* of
    saved activations ≤ budget. Kept bytes count a storage once: what un-checkpointed nodes save plus
    every checkpointed segment's inputs. Solver: per region, every set of disjoint candidates is costed
    (kept bytes of the region's own storages, largest recompute transient, FLOPs) — identical regions
@@ -22,19 +23,25 @@
    (``scipy.optimize.milp``) was tried first: on 24 identical blocks HiGHS hit its time limit
    (symmetry), the per-region DP solves the same model in ~1 s.
    Policy ``blocks`` checkpoints every repeated block; ``sqrt`` groups ⌈√L⌉ consecutive blocks per
-   segment (Chen et al. 2016). Both ignore ``budget``.
+   segment (Chen et al. 2016). Both ignore ``budget``. With ``offload`` ``auto``/``on`` each kept
+   activation may instead go to pinned host memory (the DP's offload stage, ``solve``: a copy costs only
+   what the next region's compute cannot hide at the host link's bandwidth; ``on`` and the ``blocks``/
+   ``sqrt`` policies then offload every further kept activation whose copies hide completely).
 4. Rewrite: each chosen segment becomes a stateless sub-GraphModule called through
    ``CheckpointedSegment`` → ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. Parameters,
    buffers and submodules stay in the parent (names unchanged) and enter as inputs; SymInt/int values
    cross the boundary as plain Python ints; segments holding dropout/random ops keep the RNG state so
-   the recomputation draws the same numbers. Gradients are exact.
+   the recomputation draws the same numbers. Gradients are exact. Offloaded activations are marked in the
+   graph and the span that holds them runs under ``OffloadedSpan``'s saved-tensor hooks (``offload``):
+   side-stream copies out in the forward, prefetched back in the backward; gradients are bit-identical.
 5. Loss head (option ``head``, default ``auto``: whenever the plan must save memory, and for ``blocks`` and
-   ``sqrt``): a linear + cross-entropy head becomes one chunked call (``_remat_head``) that keeps only a
+   ``sqrt``): a linear + cross-entropy head becomes one chunked call (``head``) that keeps only a
    per-row log-sum-exp and recomputes each chunk's logits in backward — the float32 logits, log-softmax and
    logits gradient of a large vocabulary are never whole. The plan is then made on the rewritten graph
    (budget in bytes of the original baseline). Exact to round-off; costs one more LM-head matmul.
-6. A graph that already holds checkpointed segments or a chunked head, or a budget met without recomputation (e.g. 1.0),
-   is left unchanged (``changed=False``).
+6. A graph that already holds checkpointed segments, an offload span or a chunked head, or a budget met
+   without recomputation (e.g. 1.0), is left unchanged (``changed=False``). The plan is stored on the
+   Program as a ``RematPlan`` (``program.plan(RematPlan)``) and is the record's details.
 
 Bytes are those of the program's example inputs on the device it was captured on (a ``2GiB`` budget
 refers to that batch); a fraction scales with the batch. With ``autocast=bfloat16`` the cost model runs

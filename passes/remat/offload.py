@@ -9,6 +9,8 @@ prefetching):
    its pack/unpack hooks for the span's forward only. Inside the span, ``offload_mark(session, t, region)``
    nodes name the storages the plan offloads (right after the node that produced them), and
    ``offload_region_end(session, region, t)`` nodes close each region whose previous region offloads.
+   Under ``torch.compile`` the marks and region ends are graph breaks (their bookkeeping stays Python); the
+   compiled pieces' saved tensors go through the same hooks.
 2. Every tensor autograd saves in the span is wrapped in a ``_Saved``. Once its storage is marked (before or
    after the save — an op may save its own output), the storage is copied to host memory on the link's side
    stream after the compute stream's work so far, every ``_Saved`` of that storage drops its device
@@ -51,22 +53,34 @@ class Link(Protocol):
 
 
 class CudaLink:
-    """Pinned host memory and one side stream per device; events order the two streams."""
+    """Pinned host memory and one side stream per device; events order the two streams. With ``timing``,
+    each copy is bracketed by timing events (``copy_seconds`` sums them: what the link was busy)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, timing: bool = False) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.counts: dict[str, int] = {}
         self.bytes: dict[str, int] = {}
+        self.timing = timing
+        self.timed: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _copy(self, target: torch.Tensor, source: torch.Tensor) -> torch.cuda.Event:
+        with torch.cuda.stream(self.stream):
+            if self.timing:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.stream)
+            target.copy_(source, non_blocking=True)
+            event = torch.cuda.Event(enable_timing=self.timing)
+            event.record(self.stream)
+        if self.timing:
+            self.timed.append((start, event))
+        return event
 
     def to_host(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         """Copy on the side stream once the compute stream has produced ``source``."""
         host = torch.empty(source.numel(), dtype=torch.uint8, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(source.device))
-        with torch.cuda.stream(self.stream):
-            host.copy_(source, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        event = self._copy(host, source)
         source.record_stream(self.stream)  # the allocator reuses the device block only after the copy
         return host, event
 
@@ -74,12 +88,16 @@ class CudaLink:
         """Allocate on the compute stream (its memory is then free for it), fill on the side stream."""
         target = torch.empty(host.numel(), dtype=torch.uint8, device=device)
         self.stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(self.stream):
-            target.copy_(host, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
+        event = self._copy(target, host)
         target.record_stream(self.stream)  # safe even if it is freed before the compute stream used it
         return target, event
+
+    def copy_seconds(self) -> float:
+        """Seconds the side stream spent copying since the last call (``timing`` links; synchronises)."""
+        self.stream.synchronize()
+        seconds = sum(start.elapsed_time(end) for start, end in self.timed) / 1000
+        self.timed.clear()
+        return seconds
 
     def wait(self, event: torch.cuda.Event) -> None:
         """The compute stream waits; the CPU goes on."""
@@ -291,12 +309,14 @@ def no_session() -> None:
     return None
 
 
+@torch._dynamo.disable  # under torch.compile: a graph break, the session's bookkeeping stays Python
 def offload_mark(session: _Session | None, tensor: Any, region: int) -> None:
     """Graph node: offload ``tensor``'s storage (a no-op outside an offloading forward)."""
     if session is not None:
         session.mark(tensor, region)
 
 
+@torch._dynamo.disable
 def offload_region_end(session: _Session | None, region: int, outputs: Sequence[Any]) -> None:
     """Graph node: the end of ``region`` (see ``_Session.region_end``)."""
     if session is not None:
@@ -315,13 +335,24 @@ class OffloadedSpan(torch.nn.Module):
         self.session_input = session_input
         self._links: dict[torch.device, Link] = {}
         self._fixed_link: Link | None = None
+        self._disabled = False
 
     def use_link(self, link: Link | None) -> None:
         """Offload through ``link`` whatever the device (tests, benchmarks); None: back to the default."""
         self._fixed_link = link
 
+    def set_offloading(self, enabled: bool) -> None:
+        """Turn offloading off (everything stays on the device, as without the plan's offloads) or back on."""
+        self._disabled = not enabled
+
+    def links(self) -> list[Link]:
+        """The links this span has used (one per device, or the one given to ``use_link``)."""
+        return [self._fixed_link] if self._fixed_link is not None else list(self._links.values())
+
     def link_for(self, device: torch.device) -> Link | None:
         """The link used for tensors on ``device`` (None: nothing is offloaded there)."""
+        if getattr(self, "_disabled", False):
+            return None
         if self._fixed_link is not None:
             return self._fixed_link
         if device.type != "cuda":
@@ -332,21 +363,26 @@ class OffloadedSpan(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         args_list = list(args)
-        device = _first_device(args_list)
-        link = self.link_for(device) if device is not None and torch.is_grad_enabled() else None
-        if link is None:
+        session = self._open(args_list)
+        if session is None:
             return self.body(*args_list)
-        session = _Session(link, device)
         args_list[self.session_input] = session
         try:
             with torch.autograd.graph.saved_tensors_hooks(session.pack, session.unpack):
                 return self.body(*args_list)
         finally:
-            session.close()
+            _close(session)
+
+    @torch._dynamo.disable
+    def _open(self, args: list[Any]) -> _Session | None:
+        device = _first_device(args)
+        link = self.link_for(device) if device is not None and torch.is_grad_enabled() else None
+        return _Session(link, device) if link is not None else None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_links"], state["_fixed_link"] = {}, None  # streams and events are not data
+        state.pop("_disabled", None)
         return state
 
     def __deepcopy__(self, memo: dict) -> OffloadedSpan:
@@ -355,6 +391,11 @@ class OffloadedSpan(torch.nn.Module):
         clone = OffloadedSpan(copy.deepcopy(self.body, memo), self.session_input)
         clone.train(self.training)
         return clone
+
+
+@torch._dynamo.disable
+def _close(session: _Session) -> None:
+    session.close()
 
 
 def _first_device(values: Sequence[Any]) -> torch.device | None:
