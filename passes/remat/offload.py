@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
+from torch.fx.node import has_side_effect
 from torch.multiprocessing.reductions import StorageWeakRef
 
 
@@ -309,6 +310,7 @@ def no_session() -> None:
     return None
 
 
+@has_side_effect  # no users, and no dead-code pass may drop it
 @torch._dynamo.disable  # under torch.compile: a graph break, the session's bookkeeping stays Python
 def offload_mark(session: _Session | None, tensor: Any, region: int) -> None:
     """Graph node: offload ``tensor``'s storage (a no-op outside an offloading forward)."""
@@ -316,6 +318,7 @@ def offload_mark(session: _Session | None, tensor: Any, region: int) -> None:
         session.mark(tensor, region)
 
 
+@has_side_effect
 @torch._dynamo.disable
 def offload_region_end(session: _Session | None, region: int, outputs: Sequence[Any]) -> None:
     """Graph node: the end of ``region`` (see ``_Session.region_end``)."""

@@ -192,12 +192,9 @@ class _Layout:
     representative: dict[tuple, int]  # signature → the region whose storage ids its options use
 
 
-def _layout(problem: Problem, candidates: Sequence[Candidate]) -> _Layout | None:
-    """Group ``candidates`` by region and enumerate each region's options; None when a region has more
-    than ``MAX_REGION_PLANS``."""
-    by_region: dict[int, list[Candidate]] = {}
-    for candidate in candidates:
-        by_region.setdefault(candidate.region, []).append(candidate)
+def storage_owners(problem: Problem, candidates: Sequence[Candidate]) -> tuple[dict[int, set[int]], int]:
+    """Storage id → the regions that save it or take it as a candidate's input (-1: a node outside every
+    candidate), and the bytes of the storages more than one region (or such a node) uses: always kept."""
     owners: dict[int, set[int]] = {}
     region_of = {n: c.region for c in candidates for n in c.members}
     for node in problem.nodes:
@@ -207,6 +204,16 @@ def _layout(problem: Problem, candidates: Sequence[Candidate]) -> _Layout | None
         for k in candidate.inputs:
             owners.setdefault(k, set()).add(candidate.region)
     shared = sum(problem.storage_bytes[k] for k, regions in owners.items() if len(regions) > 1 or -1 in regions)
+    return owners, shared
+
+
+def _layout(problem: Problem, candidates: Sequence[Candidate]) -> _Layout | None:
+    """Group ``candidates`` by region and enumerate each region's options; None when a region has more
+    than ``MAX_REGION_PLANS``."""
+    by_region: dict[int, list[Candidate]] = {}
+    for candidate in candidates:
+        by_region.setdefault(candidate.region, []).append(candidate)
+    owners, shared = storage_owners(problem, candidates)
     layout = _Layout(by_region, shared, {}, {}, {}, {}, {})
     cache: dict[tuple, list[_RegionOption]] = {}
     for region, members in by_region.items():

@@ -17,6 +17,7 @@ from effcompile.analysis import measure_saved_bytes
 from effcompile.capture import capture
 from effcompile.errors import OptionError, PassError
 from effcompile.pass_manager import PassManager, resolve_passes
+from effcompile.passes.remat import OffloadedSpan
 from effcompile.passes.remat.segment import CheckpointedSegment
 from effcompile.program import Program
 
@@ -155,12 +156,17 @@ def test_rewritten_export_graph_takes_other_batch_sizes(captured):
         torch.testing.assert_close(losses[1][1][name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    result = effcompile.compile(tiny_spec("gpt2"), passes=["remat"], options={"remat": {"policy": "blocks"}},
+@pytest.mark.parametrize("options, spans", [({"policy": "blocks"}, 0),
+                                            ({"policy": "blocks", "offload": "on", "head": "keep",
+                                              "link_bandwidth": 1e18, "offload_min_bytes": 0}, 1)],
+                         ids=["blocks", "blocks+offload"])
+def test_save_and_load_round_trip(tmp_path, options, spans):
+    result = effcompile.compile(tiny_spec("gpt2"), passes=["remat"], options={"remat": options},
                                 verify=False, measure=False)
     folder = result.save(str(tmp_path / "out"))
     loaded = effcompile.load(folder)
     assert sum(isinstance(m, CheckpointedSegment) for m in loaded.modules()) == 2
+    assert sum(isinstance(m, OffloadedSpan) for m in loaded.modules()) == spans
     torch.manual_seed(0)
     expected = result.program.run().loss
     torch.manual_seed(0)
