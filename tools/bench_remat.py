@@ -6,7 +6,7 @@ dropout 0, bf16 autocast, fused AdamW. Rows (most informative first; ``--rows`` 
 eager; HF per-block checkpointing; ``save_on_cpu(pin_memory=True)`` around the whole forward and around each
 block; ``remat`` policies and budgets without and with ``offload`` (eager); torch.compile, compile +
 ``activation_memory_budget`` 0.5, ``remat blocks`` + compile, the cheapest eager ``remat`` plan at ≤ 9.6 GiB
-+ compile, ``remat`` + offload + compile; the captured graph without remat; more budgets, ``sqrt`` and
++ compile, ``remat`` budget 0.3 + compile, ``remat`` + offload + compile; the captured graph without remat; more budgets, ``sqrt`` and
 ``blocks`` with the loss head kept.
 
 Per row (``--warmup`` steps, then ``--steps`` ≥ 10 timed steps, each synchronised): the median step time and
@@ -15,7 +15,7 @@ its spread (min, max, max/median); ``peak`` = ``torch.cuda.max_memory_allocated`
 earlier rows subtracted); ``retries`` = ``num_alloc_retries`` (the allocator freed its cache and retried a
 cudaMalloc) and ``mallocs`` = cudaMalloc calls during the timed steps (0 in a steady state); ``graphs`` =
 torch.compile graphs compiled during the timed steps (recompilation); ``gc`` = Python generation-2
-collections during them; for offload rows, MiB sent to host per step and the on-demand fetches per step
+collections during them (the JSON has each of these per step, to pin a slow step on its cause); for offload rows, MiB sent to host per step and the on-demand fetches per step
 (a fetch is a prefetch that did not happen; its copy is exposed). Between rows: ``gc.collect()``,
 ``torch._dynamo.reset()``, ``torch.cuda.empty_cache()``, ``reset_peak_memory_stats()``. ``--isolate`` runs each
 row in a fresh process instead (no allocator or compiler state carried between rows). Writes
@@ -86,6 +86,7 @@ ROWS: dict[str, tuple[str, str, dict, float | None]] = {
     COMPILED_REFERENCE: ("compile", "hf", {}, 0.5),
     "remat blocks + compile": ("compile", "remat", {"policy": "blocks"}, None),
     "remat matched + compile": ("compile", "remat", {}, None),  # options chosen from the eager rows
+    "remat budget 0.3 + compile": ("compile", "remat", {"budget": 0.3}, None),
     "compile": ("compile", "hf", {}, None),
     "remat budget 0.2 + offload + compile": ("compile", "remat", {"budget": 0.2, "offload": "auto"}, None),
     "captured graph, no remat": ("eager", "plain", {}, None),
@@ -172,13 +173,21 @@ def time_steps(step: Callable[[], float], device: str, warmup: int, steps: int) 
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_stats()
     graphs, collections = _dynamo_graphs(), gc.get_stats()[2]["collections"]
-    times = []
+    times, events = [], []  # per step: (alloc retries, cudaMallocs, graphs compiled, gen-2 collections)
+    previous = (before.get("num_alloc_retries", 0), before.get("num_device_alloc", 0)) if cuda else (0, 0)
     for _ in range(steps):
         started = time.perf_counter()
         step()  # returns the loss as a float: synchronised
         times.append((time.perf_counter() - started) * 1000)
+        stats = torch.cuda.memory_stats() if cuda else {}
+        now = (stats.get("num_alloc_retries", 0), stats.get("num_device_alloc", 0))
+        events.append((now[0] - previous[0], now[1] - previous[1], _dynamo_graphs() - graphs,
+                       gc.get_stats()[2]["collections"] - collections))
+        previous = now
     result = {"step_ms": [round(t, 3) for t in times], "graphs_compiled": _dynamo_graphs() - graphs,
-              "gc_collections": gc.get_stats()[2]["collections"] - collections}
+              "gc_collections": gc.get_stats()[2]["collections"] - collections,
+              "step_retries": [e[0] for e in events], "step_mallocs": [e[1] for e in events],
+              "step_graphs_so_far": [e[2] for e in events], "step_gc_so_far": [e[3] for e in events]}
     if cuda:
         after = torch.cuda.memory_stats()
         result.update(peak_bytes=torch.cuda.max_memory_allocated(), reserved_bytes=torch.cuda.max_memory_reserved(),
