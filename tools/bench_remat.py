@@ -18,7 +18,9 @@ torch.compile graphs compiled during the timed steps (recompilation); ``gc`` = P
 collections during them (the JSON has each of these per step, to pin a slow step on its cause); for offload rows, MiB sent to host per step and the on-demand fetches per step
 (a fetch is a prefetch that did not happen; its copy is exposed). Between rows: ``gc.collect()``,
 ``torch._dynamo.reset()``, ``torch.cuda.empty_cache()``, ``reset_peak_memory_stats()``. ``--isolate`` runs each
-row in a fresh process instead (no allocator or compiler state carried between rows). Writes
+row in a fresh process instead (no allocator or compiler state carried between rows); ``--expandable-segments``
+sets ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (fragmentation is one suspect of the compiled rows'
+spread). Writes
 ``$OUT/bench_remat.json`` and ``$OUT/bench_remat.png``.
 
 ``--quick``: a tiny GPT-2 on the CPU (a smoke test): bytes saved for backward measured beside the plan's
@@ -375,7 +377,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     config = FULL if args.device == "cuda" else QUICK
     log(f"# GPT-2 {config['n_layer']}L d{config['n_embd']} vocab {config['vocab_size']}, batch {args.batch}, seq "
         f"{args.seq}, bf16 autocast, fused AdamW, {args.warmup} warm-up + {args.steps} timed steps, {where}, torch "
-        f"{torch.__version__}{', each row in a fresh process' if args.isolate else ''}")
+        f"{torch.__version__}{', each row in a fresh process' if args.isolate else ''}"
+        f"{', expandable segments' if args.expandable_segments else ''}")
     header()
     rows: list[dict] = []
     sweep = None if args.isolate else Sweep(args)
@@ -524,6 +527,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", default="", help="comma-separated row names (default: all, in priority order)")
     parser.add_argument("--isolate", action="store_true", help="each row in a fresh process")
+    parser.add_argument("--expandable-segments", action="store_true",
+                        help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (fewer fragmentation retries)")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
                         help="seconds; configurations that would start after it are skipped")
     parser.add_argument("--compile-backend", default="inductor",
@@ -532,6 +537,8 @@ def main() -> None:
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     parser.add_argument("--child-rows", default="[]", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.expandable_segments:  # before CUDA starts; isolated children inherit the environment
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     if args.steps < 10 and not args.quick and args.device == "cuda":
         raise SystemExit("--steps must be at least 10 (medians and spreads of fewer steps are not figures)")
     if args.device == "cpu":
