@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.fx.node import has_side_effect
 from torch.multiprocessing.reductions import StorageWeakRef
 
@@ -378,6 +379,8 @@ class OffloadedSpan(torch.nn.Module):
 
     @torch._dynamo.disable
     def _open(self, args: list[Any]) -> _Session | None:
+        if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):  # traced (export): nothing to move
+            return None
         device = _first_device(args)
         link = self.link_for(device) if device is not None and torch.is_grad_enabled() else None
         return _Session(link, device) if link is not None else None
