@@ -10,8 +10,9 @@ Time (seconds per optimizer step), a roofline per node:
    backward). Compiled: no per-node cost, and memory-bound nodes move ``fused_memory_share`` of their bytes
    (Inductor fuses chains of elementwise ops).
 3. The optimizer (fused AdamW) reads weight, gradient and two moments and writes three of them: 7 × the
-   trainable bytes; a pass that recomputes in backward says how much (``details["recompute_share"]``, a
-   share of the forward) and that share of the forward is added.
+   trainable bytes. A pass that recomputes in backward says how much (``details["recompute_share"]``, a
+   share of the forward): the stack's time is the same stack's without that pass plus that share of its
+   forward.
 
 Memory (bytes): parameters and buffers, gradients and AdamW's two moments of the trainable ones, the
 activations autograd keeps for backward (measured in the analysis), and twice the largest single tensor (a
@@ -24,6 +25,7 @@ table here. They order and prune candidates; the timed steps decide.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,21 +151,29 @@ def forward_seconds(gm: torch.fx.GraphModule, analysis: Analysis, rates: Rates, 
 
 
 def predict(gm: torch.fx.GraphModule, analysis: Analysis, rates: Rates, compiled: bool,
-            records: list[Any] = ()) -> Prediction:
+            records: Sequence[Any] = (), base: Prediction | None = None) -> Prediction:
     """Predicted seconds per training step (forward, backward, fused AdamW) and peak training bytes of
-    ``gm`` as analysed, run compiled or eagerly; ``records``: the pass records of its stack (recomputation)."""
+    ``gm`` as analysed, run compiled or eagerly. ``records``: the pass records of its stack; when one of them
+    recomputes (``details["recompute_share"]``), give the prediction of the stack without that pass as
+    ``base``: the time is then ``base``'s plus the recomputed share of its forward (the analysis of a
+    checkpointed graph hides the work inside its segments), the memory this graph's."""
     forward = forward_seconds(gm, analysis, rates, compiled)
     forward_time = forward["compute"] + forward["memory"]
-    recompute_share = sum(float(r.details.get("recompute_share") or 0.0) for r in records if r.changed)
     overhead = 0.0 if compiled else 3 * forward["kernels"] * rates.kernel_seconds
     state = training_state_bytes(gm)
     optimizer_time = 7 * state["trainable"] / rates.memory_bytes_per_second
-    seconds = 3 * forward_time + recompute_share * forward_time + overhead + optimizer_time
+    seconds = 3 * forward_time + overhead + optimizer_time
+    recompute_share = sum(float(r.details.get("recompute_share") or 0.0) for r in records if r.changed)
+    recompute = 0.0
+    if recompute_share:
+        reference = base.parts["forward_s"] if base is not None else forward_time
+        recompute = recompute_share * reference
+        seconds = (base.seconds if base is not None else seconds) + recompute
     largest = max((c.output_bytes for c in analysis.costs.values()), default=0)
     memory = state["parameters"] + 3 * state["trainable"] + analysis.saved_activation_bytes + 2 * largest
-    parts = {"forward_compute_s": forward["compute"], "forward_memory_s": forward["memory"],
+    parts = {"forward_s": forward_time, "forward_compute_s": forward["compute"], "forward_memory_s": forward["memory"],
              "kernels": forward["kernels"], "launch_s": overhead, "optimizer_s": optimizer_time,
-             "recompute_s": recompute_share * forward_time, "parameter_bytes": state["parameters"],
+             "recompute_s": recompute, "parameter_bytes": state["parameters"],
              "trainable_bytes": state["trainable"], "activation_bytes": analysis.saved_activation_bytes,
              "largest_tensor_bytes": largest}
     return Prediction(seconds, int(memory), parts)

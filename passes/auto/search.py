@@ -32,7 +32,7 @@ from effcompile.pass_manager import Pass, PassManager, PassRecord
 from effcompile.program import Program
 from effcompile.report import human_bytes
 
-from .cost import Rates, predict
+from .cost import Prediction, Rates, predict
 from .measure import Timing, program_device, time_training_steps
 from .space import (
     Candidate,
@@ -115,6 +115,7 @@ class Search:
         self.device = program_device(program)
         self.builder = Builder(program, passes)
         self.analyses: dict[tuple[Step, ...], Analysis] = {}
+        self.predictions: dict[tuple[Step, ...], Prediction] = {}
         self.candidates: list[Candidate] = []
         self.notes: list[str] = []
         self.started = time.perf_counter()
@@ -150,11 +151,15 @@ class Search:
                                 "(cost model); the same stack with amp is a candidate")
             if names:
                 return
+        if self.elapsed() > self.settings.budget_seconds / 2 and self.predictions:
+            candidate.status = "not built"
+            candidate.reason = "half the search budget went to building and predicting; the rest is for timing"
+            return
         self._evaluate(candidate)
 
-    def _evaluate(self, candidate: Candidate) -> None:
-        """Build the stack and predict its time and memory; mark it unavailable / duplicate when it cannot
-        be built or a pass changed nothing."""
+    def _evaluate(self, candidate: Candidate, base: Candidate | None = None) -> None:
+        """Build the stack and predict its time and memory (``base``: the same stack without a recomputing
+        pass); mark it unavailable / duplicate when it cannot be built or a pass changed nothing."""
         try:
             program, records = self.builder.build(candidate.steps)
         except EffcompileError as error:
@@ -171,30 +176,31 @@ class Search:
             candidate.status, candidate.reason = "over memory", "the cost model's forward ran out of device memory"
             return
         self.analyses[candidate.steps] = analysis
-        prediction = predict(program.gm, analysis, self.rates, candidate.compile, records)
+        prediction = predict(program.gm, analysis, self.rates, candidate.compile, records,
+                             self.predictions.get(base.steps) if base is not None else None)
+        self.predictions[candidate.steps] = prediction
         candidate.predicted_seconds, candidate.predicted_bytes = prediction.seconds, prediction.bytes
         candidate.extra["predicted_parts"] = {k: float(f"{v:.4g}") for k, v in prediction.parts.items()}
 
-    def _add_memory_variants(self, remat_choices: list[dict[str, Any]]) -> None:
-        """``remat`` variants of every buildable stack predicted over the limit."""
-        limit = human_bytes(self.settings.memory_limit)
-        over = [c for c in list(self.candidates) if c.predicted_bytes is not None and c.predicted_bytes > limit
-                and c.status == "candidate"]
-        fits = [c for c in self.candidates if c.status == "candidate" and c.predicted_bytes is not None
-                and c.predicted_bytes <= limit]
+    def _add_memory_variants(self, remat_choices: list[dict[str, Any]], most: int = 2) -> None:
+        """``remat`` variants of the ``most`` stacks predicted fastest among those over the memory limit."""
+        limit = self.settings.memory_limit
+        over = sorted((c for c in self.candidates if c.status == "candidate" and c.predicted_bytes is not None
+                       and c.predicted_bytes > limit), key=lambda c: c.predicted_seconds)
         if not over:
             self.notes.append(f"{MEMORY_PASS}: not needed (every candidate is predicted to fit in "
                               f"{human_bytes(limit)}); it only adds recomputation")
             return
-        if fits:
-            self.notes.append(f"{MEMORY_PASS}: {len(fits)} candidates fit without it; variants for the "
-                              f"{len(over)} that do not")
-        for base in over:
+        fits = sum(1 for c in self.candidates if c.status == "candidate" and c.predicted_bytes is not None
+                   and c.predicted_bytes <= limit)
+        self.notes.append(f"{MEMORY_PASS}: variants of the {min(most, len(over))} fastest-predicted of the "
+                          f"{len(over)} stacks over the limit ({fits} fit without it)")
+        for base in over[:most]:
             for options in remat_choices:
                 stack = with_step(base.steps, make_step(MEMORY_PASS, options), self.passes)
                 candidate = Candidate(stack, approximate=base.approximate)
                 self.candidates.append(candidate)
-                self._evaluate(candidate)
+                self._evaluate(candidate, base)
 
     def _prune(self) -> None:
         limit = self.settings.memory_limit
