@@ -31,7 +31,7 @@ class CompileResult:
     module: torch.fx.GraphModule
     program: Program
     report: Report
-    _runnable: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    _runnable: torch.nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def execution(self) -> ExecutionPlan:

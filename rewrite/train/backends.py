@@ -226,9 +226,8 @@ def _runner(model: Any, module: torch.nn.Module, execution: ExecutionPlan | None
     if not compiled:
         return module
     if execution is not None and execution.compile:
-        runnable = getattr(model, "runnable", None)
-        return runnable() if callable(runnable) and getattr(model, "module", None) is module else \
-            execution.runnable(module)
+        own = getattr(model, "execution", None) is execution and callable(getattr(model, "runnable", None))
+        return model.runnable() if own else execution.runnable(module)
     return torch.compile(module)
 
 

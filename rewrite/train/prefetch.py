@@ -36,7 +36,7 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._staged: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self._staged: tuple[torch.Tensor | BaseException, torch.cuda.Event | None] | None = None
         self._thread = threading.Thread(target=self._produce, args=(start,), name="effcompile-prefetch", daemon=True)
         self._thread.start()
 
@@ -59,24 +59,16 @@ class Prefetcher:
                 return
             index += 1
 
-    def _take(self, block: bool) -> torch.Tensor | None:
-        try:
-            index, value = self._queue.get(block=block)
-        except queue.Empty:
-            return None
-        if isinstance(value, BaseException):
-            raise value
-        if index != self.position:
-            raise RuntimeError(f"prefetcher out of order: got batch {index}, expected {self.position}")  # a bug
-        return value
-
     def _stage(self, block: bool) -> None:
         """Start copying the next batch to the device (CUDA: on the copy stream); without ``block``, only if
-        the thread has it ready."""
-        host = self._take(block)
-        if host is None:
+        the thread has it ready. A failure of ``make`` is kept for the ``next()`` that reaches it."""
+        try:
+            index, host = self._queue.get(block=block)
+        except queue.Empty:
             return
-        if not self.cuda:
+        if index != self.position:
+            raise RuntimeError(f"prefetcher out of order: got batch {index}, expected {self.position}")  # a bug
+        if isinstance(host, BaseException) or not self.cuda:
             self._staged = (host, None)
             return
         with torch.cuda.stream(self._stream):
@@ -90,6 +82,8 @@ class Prefetcher:
         if self._staged is None:
             self._stage(block=True)
         batch, ready = self._staged  # type: ignore[misc]
+        if isinstance(batch, BaseException):
+            raise batch
         self._staged = None
         if ready is not None:
             current = torch.cuda.current_stream(self.device)
