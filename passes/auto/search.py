@@ -3,14 +3,17 @@ choose the fastest that fits.
 
 1. Enumerate the stacks of registered passes (``space``); a stack without ``amp`` is pruned where the device
    runs bf16 matmuls at ≥ 2× float32's rate (its ``amp`` variant is a candidate).
-2. Build each stack (shared prefixes once, without verification: the winner is verified afterwards) and
-   predict its step time and memory from the shared cost model (``cost``). A stack that does not fit the
+2. Build each stack, fullest first (shared prefixes once, without verification: the winner is verified
+   afterwards), until half the budget is spent, and predict its step time and memory from the shared cost
+   model (``cost``). A stack that does not fit the
    memory limit gets ``remat`` variants (budgets, per-block, offload where the pass offers it).
 3. Prune: predicted over the memory limit; predicted slower than the best prediction by more than
    ``prune_margin``.
 4. Time the rest eagerly in predicted order, for a few real training steps each (``measure``), until the
    budget is spent; stop timing a candidate as soon as its fastest step is slower than the best median by
-   ``stop_margin``. On CUDA, then time the best one compiled when the cost model expects compiling to pay.
+   ``stop_margin``. On CUDA, then time the best one compiled when the cost model expects compiling to pay
+   (even past the budget: compiling the winner is work its training needs anyway, and Inductor's cache
+   keeps it; its compile time is reported apart).
 5. Choose the fastest measured candidate that fits; among those within ``tie_margin`` of it, the one with
    the fewest approximations, then eager over compiled.
 """
@@ -127,7 +130,7 @@ class Search:
         or none could be timed."""
         choices, left_out = pass_choices(self.passes, self.context)
         self.notes.extend(f"{name}: {why}" for name, why in left_out.items())
-        for stack in stacks(self.passes, choices):
+        for stack in sorted(stacks(self.passes, choices), key=len, reverse=True):  # fullest stacks first
             self._consider(Candidate(stack, approximate=bool(approximate_parts(stack, self.passes))))
         if MEMORY_PASS in choices:
             self._add_memory_variants(choices[MEMORY_PASS])
@@ -149,8 +152,7 @@ class Search:
             candidate.status = "pruned"
             candidate.reason = (f"float32 matmuls: bf16 runs at {factor:.0f}× their rate on {self.rates.name} "
                                 "(cost model); the same stack with amp is a candidate")
-            if names:
-                return
+            return
         if self.elapsed() > self.settings.budget_seconds / 2 and self.predictions:
             candidate.status = "not built"
             candidate.reason = "half the search budget went to building and predicting; the rest is for timing"
@@ -301,10 +303,7 @@ class Search:
         if self.settings.compile == "auto" and ratio > 0.97:
             twin.status, twin.reason = "pruned", f"the cost model expects compiling to gain {1 / ratio:.2f}× only"
             return
-        if self.elapsed() >= self.settings.budget_seconds and self.settings.compile == "auto":
-            twin.status, twin.reason = "not timed", f"search budget ({self.settings.budget_seconds:g} s) spent"
-            return
-        self._time(twin)
+        self._time(twin)  # past the budget too: compiling the winner is work training needs (and caches) anyway
 
     # ------------------------------------------------------------------ the choice
     def _choose(self) -> SearchResult:
