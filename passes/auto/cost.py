@@ -10,9 +10,10 @@ Time (seconds per optimizer step), a roofline per node:
    backward). Compiled: no per-node cost, and memory-bound nodes move ``fused_memory_share`` of their bytes
    (Inductor fuses chains of elementwise ops).
 3. The optimizer (fused AdamW) reads weight, gradient and two moments and writes three of them: 7 × the
-   trainable bytes. A pass that recomputes in backward says how much (``details["recompute_share"]``, a
-   share of the forward): the stack's time is the same stack's without that pass plus that share of its
-   forward.
+   trainable bytes. A pass that recomputes in backward says how much (``details["recompute_cost_share"]``
+   — a share of the forward's time — or ``details["recompute_share"]`` of its FLOPs) and how long copies to
+   the host stay exposed (``details["predicted_exposed_copy_seconds"]``): the stack's time is the same
+   stack's without that pass plus that share of its forward plus the exposed copies.
 
 Memory (bytes): parameters and buffers, gradients and AdamW's two moments of the trainable ones, the
 activations autograd keeps for backward (measured in the analysis), and twice the largest single tensor (a
@@ -163,17 +164,20 @@ def predict(gm: torch.fx.GraphModule, analysis: Analysis, rates: Rates, compiled
     state = training_state_bytes(gm)
     optimizer_time = 7 * state["trainable"] / rates.memory_bytes_per_second
     seconds = 3 * forward_time + overhead + optimizer_time
-    recompute_share = sum(float(r.details.get("recompute_share") or 0.0) for r in records if r.changed)
+    changed = [r for r in records if r.changed]
+    recompute_share = sum(float(r.details.get("recompute_cost_share") or r.details.get("recompute_share") or 0.0)
+                          for r in changed)
+    copies = sum(float(r.details.get("predicted_exposed_copy_seconds") or 0.0) for r in changed)
     recompute = 0.0
-    if recompute_share:
+    if recompute_share or copies:
         reference = base.parts["forward_s"] if base is not None else forward_time
         recompute = recompute_share * reference
-        seconds = (base.seconds if base is not None else seconds) + recompute
+        seconds = (base.seconds if base is not None else seconds) + recompute + copies
     largest = max((c.output_bytes for c in analysis.costs.values()), default=0)
     memory = state["parameters"] + 3 * state["trainable"] + analysis.saved_activation_bytes + 2 * largest
     parts = {"forward_s": forward_time, "forward_compute_s": forward["compute"], "forward_memory_s": forward["memory"],
              "kernels": forward["kernels"], "launch_s": overhead, "optimizer_s": optimizer_time,
-             "recompute_s": recompute, "parameter_bytes": state["parameters"],
+             "recompute_s": recompute, "exposed_copy_s": copies, "parameter_bytes": state["parameters"],
              "trainable_bytes": state["trainable"], "activation_bytes": analysis.saved_activation_bytes,
              "largest_tensor_bytes": largest}
     return Prediction(seconds, int(memory), parts)
