@@ -68,7 +68,8 @@ class Auto(Pass):
         steps: int = field(default=5, metadata={"help": "timed training steps per candidate"})
         warmup: int = field(default=2, metadata={"help": "untimed steps first (one more when compiled)"})
         compile: Literal["auto", "on", "off"] = field(default="auto", metadata={
-            "help": "torch.compile: auto (a candidate on CUDA when the cost model expects a gain), on, off"})
+            "help": "torch.compile: auto (a candidate on CUDA when the cost model expects a gain), on (the best stack "
+                    "runs compiled, on any device), off"})
         stop_margin: float = field(default=0.1, metadata={
             "help": "stop timing a candidate whose fastest step is this much slower than the best median"})
         prune_margin: float = field(default=1.0, metadata={

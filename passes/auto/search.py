@@ -285,9 +285,9 @@ class Search:
         if self.settings.compile == "off":
             self.notes.append("torch.compile: off (auto.compile=off)")
             return
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and self.settings.compile != "on":
             self.notes.append(f"torch.compile: not a candidate on {self.device.type} (compile time does not pay "
-                              "for CPU training here)")
+                              "for CPU training here; auto.compile=on times it anyway)")
             return
         if best is None:
             return
@@ -308,7 +308,7 @@ class Search:
     # ------------------------------------------------------------------ the choice
     def _choose(self) -> SearchResult:
         timed = sorted((c for c in self.candidates if c.status == "timed"), key=lambda c: c.measured_seconds)
-        if self.settings.compile == "on" and self.device.type == "cuda":
+        if self.settings.compile == "on":
             timed = [c for c in timed if c.compile] or timed
         if not timed:
             raise PassError(self._nothing_fits())
