@@ -112,8 +112,8 @@ def render_candidates(record: PassRecord, console: Any) -> None:
 
     details = record.details
     table = Table(title=f"{record.name}: candidates (memory limit {human_bytes(details.get('memory_limit_bytes'))}, "
-                        f"search {details.get('search_seconds', 0):.1f} s of a {details.get('budget_seconds', 0):g} s "
-                        "budget)")
+                        f"search {details.get('search_seconds', 0):.1f} s, of which compiling "
+                        f"{details.get('compile_seconds', 0):.1f} s; budget {details.get('budget_seconds', 0):g} s)")
     for column in ("candidate", "predicted step", "predicted mem", "measured step (min–max)", "measured mem",
                    "status", "why"):
         table.add_column(column, overflow="fold")

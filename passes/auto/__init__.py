@@ -20,6 +20,7 @@ this device and a memory limit, by predicting and then timing real training step
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -124,6 +125,7 @@ class Auto(Pass):
                             config.stop_margin, config.prune_margin, config.tie_margin, config.compile)
         passes = {n: cls for n, cls in registry().items() if n != self.name}
         result = Search(program, passes, context, device_rates(device), settings).run()
+        gc.collect()  # the candidates' programs (reference cycles) hold device memory
         _verify(result)
         return self._install(program, result, settings, device)
 

@@ -21,6 +21,7 @@ choose the fastest that fits.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -235,7 +236,7 @@ class Search:
                 continue
             self._time(candidate)
 
-    def _time(self, candidate: Candidate) -> None:
+    def _time(self, candidate: Candidate, within_budget: bool = True) -> None:
         program, _ = self.builder.build(candidate.steps)
         best = self._best_measured()
         margin = self.settings.stop_margin
@@ -247,7 +248,7 @@ class Search:
             return None
 
         transient = int(candidate.extra.get("predicted_parts", {}).get("largest_tensor_bytes", 0) * 2)
-        deadline = self.started + self.compile_seconds + self.settings.budget_seconds
+        deadline = self.started + self.compile_seconds + self.settings.budget_seconds if within_budget else math.inf
         warmup = self.settings.warmup + (1 if candidate.compile else 0)
         timing = time_training_steps(program, candidate.compile, warmup, self.settings.steps, should_stop,
                                      deadline, transient)
@@ -303,26 +304,31 @@ class Search:
         if self.settings.compile == "auto" and ratio > 0.97:
             twin.status, twin.reason = "pruned", f"the cost model expects compiling to gain {1 / ratio:.2f}× only"
             return
-        self._time(twin)  # past the budget too: compiling the winner is work training needs (and caches) anyway
+        self._time(twin, within_budget=False)  # past the budget too: compiling the winner is work training needs (and caches) anyway
 
     # ------------------------------------------------------------------ the choice
     def _choose(self) -> SearchResult:
         timed = sorted((c for c in self.candidates if c.status == "timed"), key=lambda c: c.measured_seconds)
-        if self.settings.compile == "on":
-            timed = [c for c in timed if c.compile] or timed
-        if not timed:
+        eligible = [c for c in timed if c.compile] if self.settings.compile == "on" else timed
+        eligible = eligible or timed
+        if not eligible:
             raise PassError(self._nothing_fits())
-        fastest = timed[0]
-        close = [c for c in timed if c.measured_seconds <= fastest.measured_seconds * (1 + self.settings.tie_margin)]
+        fastest = eligible[0]
+        close = [c for c in eligible if c.measured_seconds <= fastest.measured_seconds * (1 + self.settings.tie_margin)]
         winner = min(close, key=lambda c: (len(approximate_parts(c.steps, self.passes)), c.compile, len(c.steps),
                                            c.measured_seconds))
         why = self._why(winner, fastest, timed)
         for candidate in timed:
-            if candidate is not winner:
-                candidate.status = "lost"
-                slower = candidate.measured_seconds / winner.measured_seconds
-                candidate.reason = (f"{slower:.2f}× the winner's step time" if slower > 1 else
-                                    f"within {self.settings.tie_margin:.0%} of the fastest but makes more "
+            if candidate is winner:
+                continue
+            candidate.status = "lost"
+            slower = candidate.measured_seconds / winner.measured_seconds
+            if candidate not in eligible:
+                candidate.reason = "auto.compile=on: only compiled candidates may win"
+            elif slower > 1:
+                candidate.reason = f"{slower:.2f}× the winner's step time"
+            else:
+                candidate.reason = (f"within {self.settings.tie_margin:.0%} of the fastest but makes more "
                                     "approximations, compiles or runs more passes")
         winner.status, winner.reason = "winner", why
         program, records = self.builder.build(winner.steps)

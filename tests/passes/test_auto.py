@@ -27,16 +27,9 @@ from effcompile.train.backends import should_compile
 
 from conftest import example_gpt_spec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST = {"steps": 2, "warmup": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared CPU extra threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
