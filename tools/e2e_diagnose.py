@@ -41,8 +41,10 @@ def causal_mask_skipped():
 
     original = masking_utils._ignore_causal_mask_sdpa
 
-    def skip(padding_mask: Any, q_length: Any, kv_length: Any, *args: Any, **kwargs: Any) -> bool:
-        return padding_mask is None and (q_length == 1 or q_length == kv_length)
+    def skip(*args: Any, **kwargs: Any) -> bool:
+        padding_mask = args[0] if args else kwargs.get("padding_mask")
+        lengths = list(args[1:3]) if len(args) >= 3 else [v for k, v in kwargs.items() if k.endswith("length")]
+        return padding_mask is None and len(lengths) == 2 and (lengths[0] == 1 or lengths[0] == lengths[1])
 
     masking_utils._ignore_causal_mask_sdpa = skip
     try:
