@@ -6,6 +6,7 @@ and the execution plan it leaves decides how the module runs."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -160,3 +161,20 @@ def test_execution_plan_decides_compilation():
     assert ExecutionPlan.from_dict(plan.to_dict()) == plan
     module = torch.nn.Linear(2, 2)
     assert plan.runnable(module) is not module and ExecutionPlan().runnable(module) is module
+
+
+def test_cli_prints_the_candidate_table_and_the_json(capsys):
+    from effcompile.cli.main import main
+
+    from conftest import ROOT
+
+    argv = [str(ROOT / "examples" / "gpt.py"), "--passes", "auto", "--no-verify", "--set", "auto.budget_seconds=0",
+            "--set", "auto.steps=1", "--set", "auto.warmup=0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "auto: candidates" in out and "winner" in out and "chose " in out and "not built" in out
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    record = report["passes"][0]
+    assert record["name"] == "auto" and record["details"]["candidates"]
+    assert report["execution"]["stack"] == record["details"]["winner"]["passes"]
