@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 import bench_e2e  # noqa: E402
+import e2e_report  # noqa: E402
 
 
 def test_time_to_target_interpolates_the_crossing():
@@ -39,12 +40,12 @@ def test_comparisons_against_the_best_peer():
 
     results = {"a": row("a", 30, 32), "b": row("b", 40, 90), "c": row("c", 20, 22, 8.0), "d": {"status": "failed"},
                "e": row("e", 10, 60, 7.0), "f": row("f", 8, 40)}
-    out = bench_e2e.comparisons(results, 45.0)
+    out = e2e_report.comparisons(results, 45.0)
     assert out["best_peer_excl_overhead"] == "c" and out["e_vs_best_peer_excl_overhead"] == "2.00×"
     assert out["best_peer_incl_overhead"] == "c" and out["f_vs_best_peer_incl_overhead"] == "0.55×"
     assert out["e_vs_baseline_excl_overhead"] == "3.00×" and "7.00 vs 8.00" in out["e_peak_vs_best_peer_excl_overhead"]
     slow = {**results, "c": {**row("c", None, None), "status": "ok"}, "b": {**row("b", None, None), "status": "ok"}}
-    assert bench_e2e.comparisons(slow, 45.0)["e_vs_best_peer_excl_overhead"] == "≥ 4.50×"
+    assert e2e_report.comparisons(slow, 45.0)["e_vs_best_peer_excl_overhead"] == "≥ 4.50×"
 
 
 def test_time_plan_and_quick_setup():
