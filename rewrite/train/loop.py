@@ -190,7 +190,8 @@ class Trainer:
 
     @contextlib.contextmanager
     def _prefetching(self) -> Iterator[None]:
-        device = getattr(self.backend, "device", torch.device("cpu"))
+        # The torch backend trains on its module's device; other backends take host tensors.
+        device = self.backend.device if isinstance(self.backend, TorchBackend) else torch.device("cpu")
         self._prefetcher = Prefetcher(self.train_batches.batch, self.position, device, self.config.prefetch)
         try:
             yield
