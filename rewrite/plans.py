@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx
 
 
@@ -65,3 +66,49 @@ class PipelinePlan:
         """JSON-ready: every field but the modules (tied parameters as dicts)."""
         return {f.name: [dataclasses.asdict(t) for t in self.tied] if f.name == "tied" else getattr(self, f.name)
                 for f in dataclasses.fields(self) if f.name != "modules"}
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """How the rewritten module should run in training, decided by a pass (``auto``) and read by the trainer
+    and by ``CompileResult.runnable()``: eagerly, or compiled with ``torch.compile``.
+
+    Attributes:
+        compile: wrap the module in ``torch.compile`` before training.
+        compile_mode: ``torch.compile``'s ``mode`` (None: its default).
+        stack: the passes (in order) the program went through to get here.
+        options: those passes' options (``{pass: {option: value}}``), enough to replay the choice with
+            ``effcompile.compile(model, inputs, passes=list(stack), options=options)``.
+        chosen_by: the pass that decided (``"auto"``).
+        reason: one line: why this stack and this way of running it.
+    """
+
+    compile: bool = False
+    compile_mode: str | None = None
+    stack: tuple[str, ...] = ()
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    chosen_by: str = ""
+    reason: str = ""
+
+    def runnable(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` as the plan runs it: ``torch.compile(module, mode=compile_mode)`` when ``compile``, else
+        ``module`` itself. The compiled wrapper shares the module's parameters (train either; the weights are the
+        same tensors). Compilation happens lazily, at the first call."""
+        if not self.compile:
+            return module
+        return torch.compile(module, mode=self.compile_mode) if self.compile_mode else torch.compile(module)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (``from_dict`` reads it back)."""
+        return {"compile": self.compile, "compile_mode": self.compile_mode, "stack": list(self.stack),
+                "options": {k: dict(v) for k, v in self.options.items()}, "chosen_by": self.chosen_by,
+                "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExecutionPlan:
+        """The plan ``to_dict`` wrote (unknown keys are ignored, missing ones take their defaults)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "stack" in values:
+            values["stack"] = tuple(values["stack"])
+        return cls(**values)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError, OutputError, SpecError
-from ..train.config import RUN_FILES, STEP_LOG
+from ..train.config import LOSS_CURVE, LOSS_PLOT, RUN_FILES, STEP_LOG
 from .common import console, parse_device, spec_to_device
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--force", action="store_true", help="start over in a --out folder that holds a run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", default=defaults.compile, choices=("auto", "on", "off"),
+                        help="torch.compile the module: auto (when its execution plan says so, e.g. chosen by "
+                             "--passes auto), on, off")
+    parser.add_argument("--autocast", default=defaults.autocast, choices=("off", "bfloat16", "float16"),
+                        help="run under torch.autocast (for models compiled without amp)")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every,
+                        help=f"read the loss back every k steps (default {defaults.log_every}; no host sync between)")
+    parser.add_argument("--prefetch", type=int, default=defaults.prefetch, help="batches prepared ahead (default 2)")
     parser.add_argument("--backend", default="torch", choices=("torch", "ort"),
                         help="torch, or ort (ONNX Runtime training artifacts of an --out folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -165,13 +173,14 @@ def _config(args: argparse.Namespace, batch: int, seq: int) -> Any:
         lclr_gamma=args.lclr_gamma, accum=args.accum, aga=args.aga, aga_alpha=args.aga_alpha,
         aga_epsilon=args.aga_epsilon, aga_relative=args.aga_relative, max_accum=args.max_accum, eval_every=args.eval_every,
         eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, target_loss=args.target_loss,
-        max_train_seconds=args.max_seconds, seed=args.seed)
+        max_train_seconds=args.max_seconds, seed=args.seed, compile=args.compile, autocast=args.autocast,
+        log_every=args.log_every, prefetch=args.prefetch)
 
 
 class _Progress:
     """A rich progress bar showing loss, validation loss, N and tokens/s; validation lines printed above it."""
 
-    def __init__(self, total: int, start: int, quiet: bool) -> None:
+    def __init__(self, total: int, start: int, quiet: bool, max_seconds: float | None = None) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -179,15 +188,14 @@ class _Progress:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
         self.console = Console(stderr=True)
         self.progress = None if quiet else Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            TimeElapsedColumn(), console=self.console)
         self.task = None
-        self.total, self.start = total, start
+        self.total, self.start, self.max_seconds = total, start, max_seconds
         self.val: float | None = None
 
     def __enter__(self) -> _Progress:
@@ -213,7 +221,23 @@ class _Progress:
         info += f"  N {record.get('accum', 1)}  {record['tokens_per_s']:,.0f} tok/s"
         if "peak_mem_bytes" in record:
             info += f"  {record['peak_mem_bytes'] / 2**30:.2f} GiB"
+        info += f"  ETA {_clock(eta_seconds(record, self.total, self.max_seconds))}"
         self.progress.update(self.task, completed=record["step"] + 1, info=info)
+
+
+def eta_seconds(record: dict[str, Any], total_steps: int, max_seconds: float | None) -> float:
+    """Seconds of training left after ``record``'s step: the remaining steps at the recent step time, or
+    the time limit's remainder when that comes first."""
+    left = (total_steps - record["step"] - 1) * record.get("step_s", 0.0)
+    if max_seconds is not None:
+        left = min(left, max(0.0, max_seconds - record.get("train_s", 0.0)))
+    return max(0.0, left)
+
+
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes}:{rest:02d}"
 
 
 def _print_summary(summary: dict[str, Any], out: str | None) -> None:
@@ -230,6 +254,8 @@ def _print_summary(summary: dict[str, Any], out: str | None) -> None:
         rows.append(("target reached", f"step {hit['step']}, {hit['tokens']:,} tokens, {hit['train_s']:.1f} s"))
     if out:
         rows.append(("log", str(Path(out) / STEP_LOG)))
+        rows.append(("loss curve", ", ".join(str(Path(out) / name) for name in (LOSS_CURVE, LOSS_PLOT)
+                                               if (Path(out) / name).exists())))
     for key, value in rows:
         table.add_row(key, str(value))
     console(120).print(table)
@@ -264,14 +290,31 @@ def _train_ort(args: argparse.Namespace) -> int:
     return _run(backend, corpus, config, args)
 
 
+def saved_execution(folder: str) -> Any:
+    """The execution plan (``ExecutionPlan``) recorded in an ``effcompile --out`` folder's ``report.json`` by a
+    pass such as ``auto``, or None (no folder, no report, no plan)."""
+    import json
+
+    from ..plans import ExecutionPlan
+
+    report = Path(folder) / "report.json"
+    if not _is_saved_folder(folder) or not report.exists():
+        return None
+    try:
+        data = json.loads(report.read_text()).get("execution")
+    except (OSError, ValueError):
+        return None
+    return ExecutionPlan.from_dict(data) if isinstance(data, dict) else None
+
+
 def _run(model: Any, corpus: Any, config: Any, args: argparse.Namespace) -> int:
     """Train ``model`` (a compiled model or a backend) with a progress bar; print the summary."""
     from ..train import Trainer
 
-    trainer = Trainer(model, corpus, config, log_dir=args.out)
+    trainer = Trainer(model, corpus, config, log_dir=args.out, execution=saved_execution(args.model))
     if args.resume:
         trainer.load_checkpoint()
-    with _Progress(config.steps, trainer.step, args.quiet) as progress:
+    with _Progress(config.steps, trainer.step, args.quiet, config.max_train_seconds) as progress:
         result = trainer.run(progress)
     _print_summary(result.to_dict(), args.out)
     return 0

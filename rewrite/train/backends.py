@@ -10,6 +10,7 @@ saves/restores its own state; the loop owns the data, the log, validation, stopp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import SpecError
+from ..plans import ExecutionPlan
 from .aga import AdaptiveAccumulation, GradientVarianceMeter
 from .config import CHECKPOINT, ORT_CHECKPOINT, ORT_STATE, TrainConfig
 from .inputs import input_builder, objective
@@ -32,11 +34,12 @@ NextBatch = Callable[[], torch.Tensor]
 
 @dataclass
 class StepOutcome:
-    """One optimizer step: the mean micro-batch loss, how many micro-batches it took, its wall time in
-    seconds, and the fields it adds to the step's log record (``fields`` before the token counts —
-    ``lr``, ``accum`` —, ``extra`` after them)."""
+    """One optimizer step: the mean micro-batch loss (a float, or a 0-d tensor still on the device that the
+    loop reads back at its next log interval), how many micro-batches it took, the host time it took to run
+    or queue it in seconds, and the fields it adds to the step's log record (``fields`` before the token
+    counts — ``lr``, ``accum`` —, ``extra`` after them)."""
 
-    loss: float
+    loss: float | torch.Tensor
     micro_batches: int
     seconds: float
     fields: dict[str, Any] = field(default_factory=dict)
@@ -56,6 +59,9 @@ class Backend:
         """The mean loss over ``batches`` without changing the parameters or the training RNG."""
         raise NotImplementedError
 
+    def synchronize(self) -> None:
+        """Wait until the device has finished the work queued so far (the loop reads its clock then)."""
+
     def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> Path:
         """Write this backend's state and the loop's ``state`` (JSON-ready) under ``folder``; returns the
         checkpoint's path."""
@@ -71,13 +77,19 @@ class Backend:
 
 class TorchBackend(Backend):
     """Trains a module in PyTorch: N micro-batches per step (``accum``, or AGA's rule), gradient clipping,
-    the optimizer and its per-layer LR schedule. ``model``: an effcompile ``CompileResult`` (its module,
-    example inputs and loss are used) or an ``nn.Module``. Raises SpecError for a model it cannot feed."""
+    the optimizer (AdamW fused on CUDA) and its per-layer LR schedule. ``model``: an effcompile
+    ``CompileResult`` (its module, example inputs, loss and execution plan are used) or an ``nn.Module``.
+
+    The step runs the module compiled when ``config.compile`` is ``on``, or ``auto`` and the execution plan
+    (``execution``, else the CompileResult's) says so, and under ``torch.autocast`` when ``config.autocast``
+    asks. It queues its work without reading anything back (the loss stays a device tensor; clipping and
+    the fused optimizer need no host value) — except with AGA, whose rule reads one variance per step.
+    Validation runs the eager module. Raises SpecError for a model it cannot feed."""
 
     name = "torch"
 
     def __init__(self, model: Any, config: TrainConfig, loss_fn: Callable[..., torch.Tensor] | None = None,
-                 example_inputs: Any = None) -> None:
+                 example_inputs: Any = None, execution: ExecutionPlan | None = None) -> None:
         self.config = config
         self.module, args, kwargs, program_loss = _unpack(model)
         if example_inputs is not None:
@@ -95,21 +107,33 @@ class TorchBackend(Backend):
                                 f"{config.seq}")
         self.loss_fn = loss_fn or program_loss
         self.device = _device_of(self.module)
+        self.execution = execution or (program.plan(ExecutionPlan) if program is not None else None)
+        self.compiled = should_compile(config.compile, self.execution)
+        self.runner = _runner(model, self.module, self.execution, self.compiled)
+        self.autocast_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.autocast)
         self.optimizer, self.scheduler = build_optimizer(self.module, config)
         self.parameters = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.aga = AdaptiveAccumulation(config.aga_alpha, config.aga_epsilon, config.max_accum, config.aga_beta,
                                         config.accum, config.aga_probe_every, config.aga_relative)
         self.meter = GradientVarianceMeter(self.parameters) if config.aga else None
 
-    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _loss(self, tokens: torch.Tensor, module: torch.nn.Module | None = None) -> torch.Tensor:
         args, kwargs = self.build_inputs(tokens)
-        return objective(self.module(*args, **kwargs), tokens, args, kwargs, self.loss_fn)
+        module = self.runner if module is None else module
+        context = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None \
+            else contextlib.nullcontext()
+        with context:
+            return objective(module(*args, **kwargs), tokens, args, kwargs, self.loss_fn)
 
-    def train_step(self, next_batch: NextBatch, step: int) -> StepOutcome:
-        """One optimizer step over N micro-batches (the step's LR comes from the scheduler)."""
-        config = self.config
+    def synchronize(self) -> None:
+        """Wait for the CUDA device (nothing to wait for on the CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def train_step(self, next_batch: NextBatch, step: int) -> StepOutcome:
+        """One optimizer step over N micro-batches (the step's LR comes from the scheduler); the returned loss
+        is a device tensor."""
+        config = self.config
         started = time.perf_counter()
         n = self.aga.next_accum() if config.aga else config.accum
         rule = self.aga.rule() if config.aga else n
@@ -117,28 +141,26 @@ class TorchBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         if self.meter is not None:
             self.meter.start(n)
-        total = torch.zeros((), device=self.device)
+        total: torch.Tensor | None = None
         for _ in range(n):
             loss = self._loss(next_batch().to(self.device, non_blocking=True))
             (loss / n).backward()
             if self.meter is not None:
                 self.meter.after_backward()
-            total += loss.detach().float()
-        variance = self.meter.finish() if self.meter is not None else None
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        variance = self.meter.finish() if self.meter is not None else None  # AGA: one read-back per step
         self.aga.observe(variance, self.meter.mean_sq if self.meter is not None else None, n)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        mean_loss = float(total) / n  # synchronises: the step time below is real
-        seconds = time.perf_counter() - started
         extra: dict[str, Any] = {}
         if config.aga:
             extra.update(sigma2=self.aga.sigma2, step_sigma2=variance, signal=self.aga.signal, epsilon=self.aga.epsilon)
         if self.device.type == "cuda":
             extra["peak_mem_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        return StepOutcome(mean_loss, n, seconds, {"lr": lrs[0], "lr_last": lrs[-1], "accum": n, "accum_rule": rule},
-                           extra)
+        return StepOutcome(total / n, n, time.perf_counter() - started,
+                           {"lr": lrs[0], "lr_last": lrs[-1], "accum": n, "accum_rule": rule}, extra)
 
     @torch.no_grad()
     def evaluate(self, batches: list[torch.Tensor]) -> float:
@@ -147,7 +169,7 @@ class TorchBackend(Backend):
         self.module.eval()
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            losses = [self._loss(tokens.to(self.device)).float() for tokens in batches]
+            losses = [self._loss(tokens.to(self.device), self.module).float() for tokens in batches]
             value = float(torch.stack(losses).mean())
         self.module.train(was_training)
         return value
@@ -188,6 +210,25 @@ class TorchBackend(Backend):
             rng["cuda"] = rng["cuda"].cpu()
         _set_rng_state(rng, self.device)
         return state
+
+
+def should_compile(setting: str, execution: ExecutionPlan | None) -> bool:
+    """Whether training runs the module compiled: ``setting`` ``on`` / ``off``, or ``auto`` — what the execution
+    plan says (compiled only when a pass such as ``auto`` chose it)."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return bool(execution is not None and execution.compile)
+
+
+def _runner(model: Any, module: torch.nn.Module, execution: ExecutionPlan | None, compiled: bool) -> torch.nn.Module:
+    """What the step calls: the CompileResult's runnable (its plan's compiled wrapper, built once) when that is
+    the decision, else ``torch.compile(module)`` or the module itself."""
+    if not compiled:
+        return module
+    if execution is not None and execution.compile:
+        own = getattr(model, "execution", None) is execution and callable(getattr(model, "runnable", None))
+        return model.runnable() if own else execution.runnable(module)
+    return torch.compile(module)
 
 
 def _unpack(model: Any) -> tuple[torch.nn.Module, tuple, dict[str, Any], Callable[..., torch.Tensor] | None]:

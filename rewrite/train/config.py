@@ -18,8 +18,10 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 ORT_CHECKPOINT = "ort_checkpoint"
 ORT_STATE = "ort_state.json"
+LOSS_CURVE = "loss_curve.json"
+LOSS_PLOT = "loss_curve.png"
 #: The files whose presence means a folder holds a training run (``--force`` removes them).
-RUN_FILES = (STEP_LOG, CHECKPOINT, SUMMARY, ORT_STATE)
+RUN_FILES = (STEP_LOG, CHECKPOINT, SUMMARY, ORT_STATE, LOSS_CURVE, LOSS_PLOT)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,14 @@ class TrainConfig:
     target_loss: float | None = field(default=None, metadata={"help": "stop when validation loss ≤ this"})
     max_train_seconds: float | None = field(default=None, metadata={"help": "stop after this much training time"})
     seed: int = field(default=0, metadata={"help": "data and RNG seed"})
+    compile: Literal["auto", "on", "off"] = field(default="auto", metadata={
+        "help": "torch.compile the module: auto (when its execution plan says so, e.g. chosen by --passes auto), "
+                "on, off"})
+    autocast: Literal["off", "bfloat16", "float16"] = field(default="off", metadata={
+        "help": "run forward and loss under torch.autocast (for modules without amp's casts)"})
+    log_every: int = field(default=10, metadata={
+        "help": "read the loss back from the device every k steps (no host synchronisation in between)"})
+    prefetch: int = field(default=2, metadata={"help": "batches a background thread prepares ahead (≥ 1)"})
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,7 +83,10 @@ class TrainConfig:
             (self.eval_every >= 0, "eval_every", "must be ≥ 0"), (self.eval_batches >= 1, "eval_batches", "must be ≥ 1"),
             (self.checkpoint_every >= 0, "checkpoint_every", "must be ≥ 0"),
             (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0"),
-            (self.grad_clip >= 0, "grad_clip", "must be ≥ 0")]
+            (self.grad_clip >= 0, "grad_clip", "must be ≥ 0"),
+            (self.compile in ("auto", "on", "off"), "compile", "must be auto, on or off"),
+            (self.autocast in ("off", "bfloat16", "float16"), "autocast", "must be off, bfloat16 or float16"),
+            (self.log_every >= 1, "log_every", "must be ≥ 1"), (self.prefetch >= 1, "prefetch", "must be ≥ 1")]
         for ok, name, rule in checks:
             if not ok:
                 raise OptionError(f"train: {name}={getattr(self, name)!r} {rule}; fix --{name.replace('_', '-')}")

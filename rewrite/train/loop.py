@@ -11,12 +11,14 @@ corpus, with periodic validation, a target loss, a time limit, checkpoint/resume
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,17 @@ from typing import Any
 import torch
 
 from ..errors import SpecError
+from ..plans import ExecutionPlan
 from .backends import Backend, TorchBackend
 from .config import STEP_LOG, SUMMARY, TrainConfig
+from .curve import write_loss_curve
 from .data import Batches, Corpus, load_corpus
+from .prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
 #: Options whose change on resume keeps the trajectory of an uninterrupted run.
-_RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "target_loss"}
+_RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "target_loss", "log_every", "prefetch"}
 
 
 @dataclass
@@ -58,15 +63,17 @@ class Trainer:
 
     ``model``: an effcompile ``CompileResult`` or an ``nn.Module`` (trained by a ``TorchBackend`` with
     ``loss_fn`` / ``example_inputs``), or a ready ``Backend`` (e.g. ``OrtBackend``). ``data``: ``"stdlib"``,
-    a text file or folder, or a ``Corpus``. ``log_dir``: where the log, summary and checkpoints go.
+    a text file or folder, or a ``Corpus``. ``log_dir``: where the log, summary, loss curve and checkpoints
+    go. ``execution``: how to run a module that is not a ``CompileResult`` (e.g. one loaded from a folder
+    whose report holds the plan ``--passes auto`` chose).
     """
 
     def __init__(self, model: Any, data: Corpus | str | Path = "stdlib", config: TrainConfig | None = None, *,
                  loss_fn: Callable[..., torch.Tensor] | None = None, example_inputs: Any = None,
-                 log_dir: str | Path | None = None) -> None:
+                 log_dir: str | Path | None = None, execution: ExecutionPlan | None = None) -> None:
         self.config = config or TrainConfig()
         self.backend: Backend = model if isinstance(model, Backend) else \
-            TorchBackend(model, self.config, loss_fn, example_inputs)
+            TorchBackend(model, self.config, loss_fn, example_inputs, execution)
         self.corpus = data if isinstance(data, Corpus) else load_corpus(data, seed=self.config.seed)
         self.train_batches = Batches(self.corpus.train, self.config.batch, self.config.seq, self.config.seed)
         self.validation_batches = Batches(self.corpus.validation, self.config.batch, self.config.seq,
@@ -79,6 +86,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.validation: list[dict[str, Any]] = []
         self.target_reached: dict[str, Any] | None = None
+        self._prefetcher: Prefetcher | None = None
+        self._interval_start = time.perf_counter()
         torch.manual_seed(self.config.seed)
         random.seed(self.config.seed)
 
@@ -122,20 +131,47 @@ class Trainer:
 
     # -- one step, validation
     def _next_batch(self) -> torch.Tensor:
-        tokens = self.train_batches.batch(self.position)
+        tokens = self._prefetcher.next() if self._prefetcher is not None else self.train_batches.batch(self.position)
         self.position += 1
         return tokens
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step of the backend; returns its log record."""
+    def _step(self) -> dict[str, Any]:
+        """One optimizer step; the record's loss may still be a device tensor until ``_settle``."""
         outcome = self.backend.train_step(self._next_batch, self.step)
         tokens = outcome.micro_batches * self.config.batch * self.config.seq
         self.tokens += tokens
-        self.train_seconds += outcome.seconds
         record = {"step": self.step, "loss": outcome.loss, **outcome.fields, "tokens": self.tokens,
-                  "tokens_per_s": tokens / max(outcome.seconds, 1e-9), "step_s": outcome.seconds,
-                  "train_s": self.train_seconds, **outcome.extra}
+                  "step_tokens": tokens, **outcome.extra}
         self.step += 1
+        return record
+
+    def _settle(self, pending: list[dict[str, Any]]) -> None:
+        """Wait for the device once, read the pending losses back in one transfer, and give each record its
+        share of the wall time since the interval started (``step_s``, ``tokens_per_s``, ``train_s``)."""
+        self.backend.synchronize()
+        elapsed = time.perf_counter() - self._interval_start
+        on_device = [r["loss"] for r in pending if isinstance(r["loss"], torch.Tensor)]
+        values = iter(torch.stack([t.detach().float().reshape(()) for t in on_device]).tolist() if on_device else [])
+        tokens = sum(r.pop("step_tokens") for r in pending)
+        start = self.train_seconds
+        for index, record in enumerate(pending):
+            if isinstance(record["loss"], torch.Tensor):
+                record["loss"] = next(values)
+            record["step_s"] = elapsed / len(pending)
+            record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+            record["train_s"] = start + elapsed * (index + 1) / len(pending)
+        self.train_seconds = start + elapsed
+        self._interval_start = time.perf_counter()
+
+    def _elapsed(self) -> float:
+        """Training seconds so far, including the steps queued since the last read-back (host clock)."""
+        return self.train_seconds + time.perf_counter() - self._interval_start
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step of the backend; returns its log record (the loss read back: one device sync)."""
+        self._interval_start = time.perf_counter()
+        record = self._step()
+        self._settle([record])
         return record
 
     def evaluate(self) -> float:
@@ -150,38 +186,73 @@ class Trainer:
         if target is not None and record["val_loss"] <= target:
             self.target_reached = {"step": self.step, "tokens": self.tokens, "train_s": self.train_seconds,
                                    "val_loss": record["val_loss"]}
+        self._interval_start = time.perf_counter()  # validation is not training time
+
+    @contextlib.contextmanager
+    def _prefetching(self) -> Iterator[None]:
+        # The torch backend trains on its module's device; other backends take host tensors.
+        device = self.backend.device if isinstance(self.backend, TorchBackend) else torch.device("cpu")
+        self._prefetcher = Prefetcher(self.train_batches.batch, self.position, device, self.config.prefetch)
+        try:
+            yield
+        finally:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def run(self, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-        """Train until ``config.steps``, the target validation loss or ``max_train_seconds``; returns the result."""
+        """Train until ``config.steps``, the target validation loss or ``max_train_seconds``; returns the result.
+
+        Losses are read back from the device every ``log_every`` steps (and at validation, checkpoint and the
+        end), so steps queue without host synchronisation; ``on_step`` and the log see each step then."""
         config = self.config
         log_file = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_file = (self.log_dir / STEP_LOG).open("a")
+        pending: list[dict[str, Any]] = []
+        self._interval_start = time.perf_counter()
         try:
-            while self.step < config.steps and self.target_reached is None:
-                record = self.train_step()
-                last = self.step == config.steps or (config.max_train_seconds is not None
-                                                     and self.train_seconds >= config.max_train_seconds)
-                if (config.eval_every and self.step % config.eval_every == 0) or last:
-                    self._validate(record)
-                self.history.append(record)
-                if not math.isfinite(record["loss"]):
-                    log.warning("loss is %s at step %d; stopping", record["loss"], self.step)
-                    break
-                if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                if on_step is not None:
-                    on_step(record)
-                if self.log_dir is not None and config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if last:
-                    break
-        finally:
+            with self._prefetching():
+                while self.step < config.steps and self.target_reached is None:
+                    pending.append(self._step())
+                    last = self.step == config.steps or (config.max_train_seconds is not None
+                                                         and self._elapsed() >= config.max_train_seconds)
+                    validate = bool(config.eval_every and self.step % config.eval_every == 0) or last
+                    checkpoint = bool(self.log_dir is not None and config.checkpoint_every
+                                      and self.step % config.checkpoint_every == 0)
+                    if not (validate or checkpoint or last or len(pending) >= config.log_every):
+                        continue
+                    settled, pending = pending, []
+                    finite = self._flush(settled, validate, log_file, on_step)
+                    if checkpoint:
+                        self.save_checkpoint()
+                        self._interval_start = time.perf_counter()
+                    if last or not finite:
+                        break
+        finally:  # every way out of the loop but an exception settles the steps first
             if log_file is not None:
                 log_file.close()
         return self._finish()
+
+    def _flush(self, pending: list[dict[str, Any]], validate: bool, log_file: Any,
+               on_step: Callable[[dict[str, Any]], None] | None) -> bool:
+        """Settle ``pending``, validate after its last step if asked, log and report each record; returns
+        False when a loss is not finite (training stops)."""
+        self._settle(pending)
+        if validate:
+            self._validate(pending[-1])
+        finite = True
+        for record in pending:
+            self.history.append(record)
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if on_step is not None:
+                on_step(record)
+            if finite and not math.isfinite(record["loss"]):
+                log.warning("loss is %s at step %d; stopping", record["loss"], record["step"])
+                finite = False
+        return finite
 
     def _finish(self) -> TrainResult:
         """The final checkpoint and ``summary.json`` (with a log folder) and the result."""
@@ -194,6 +265,7 @@ class Trainer:
             summary = {**result.to_dict(), "backend": self.backend.name, "config": dataclasses.asdict(self.config),
                        "data": self.corpus.summary()}
             (self.log_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+            write_loss_curve(self.log_dir, self.history, self.validation, title=self.backend.name)
         return result
 
 

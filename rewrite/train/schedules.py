@@ -59,8 +59,8 @@ class LayerSchedule:
 
 def build_optimizer(module: torch.nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer,
                                                                           torch.optim.lr_scheduler.LambdaLR]:
-    """One parameter group per layer ℓ (``layer`` key in each group), the named optimizer, and the
-    scheduler of section 2 (γ = 1 unless ``lclr``)."""
+    """One parameter group per layer ℓ (``layer`` key in each group), the named optimizer (AdamW fused when
+    every parameter is a floating-point CUDA tensor), and the scheduler of section 2 (γ = 1 unless ``lclr``)."""
     layers, total = parameter_layers(module)
     parameters = dict(module.named_parameters())
     grouped: dict[int, list[torch.nn.Parameter]] = {}
@@ -69,8 +69,11 @@ def build_optimizer(module: torch.nn.Module, config: TrainConfig) -> tuple[torch
     groups = [{"params": grouped[layer], "layer": layer} for layer in sorted(grouped)]
     if not groups:
         raise SpecError("the module has no trainable parameters; nothing to train")
-    kwargs = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    kwargs: dict = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
+        tensors = [p for g in groups for p in g["params"]]
+        if all(p.is_cuda and p.is_floating_point() for p in tensors):
+            kwargs["fused"] = True  # one kernel for every parameter: no per-tensor launches, no host reads
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, **kwargs)
     else:
         try:
