@@ -186,13 +186,11 @@ def hf_config(model_type: str, model_args: Mapping[str, Any] | None = None, task
 
 def hf_tasks(model_type: str) -> list[str]:
     """The tasks (keys of ``HF_TASKS``) ``transformers`` has a model class for, for ``model_type``."""
-    import transformers
-
-    return [task for task, auto in HF_TASKS.items()
-            if model_type in _mapping_names(transformers, auto)]
+    return [task for task, auto in HF_TASKS.items() if model_type in mapping_names(auto)]
 
 
-def _mapping_names(transformers: Any, auto_class: str) -> Mapping[str, Any]:
+def mapping_names(auto_class: str) -> Mapping[str, Any]:
+    """``transformers``' model-type → class-name(s) mapping behind ``auto_class`` (a value of ``HF_TASKS``)."""
     from transformers.models.auto import modeling_auto
 
     constant = {"AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
@@ -295,7 +293,7 @@ def _build_hf_model(config: Any, task: str, name: str, attn: str | None, seed: i
     import transformers
 
     auto = getattr(transformers, HF_TASKS[task])
-    names = _mapping_names(transformers, HF_TASKS[task]).get(config.model_type)
+    names = mapping_names(HF_TASKS[task]).get(config.model_type)
     if isinstance(names, (tuple, list)) and not getattr(config, "architectures", None):
         config.architectures = [names[0]]  # several classes for one task (DeiT): transformers picks by this
     failure: Exception | None = None

@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run checks over the zoo (resumable)")
     one = sub.add_parser("one", help="build one architecture and print its results as JSON lines")
-    one.add_argument("arch", help="an architecture key (hf:vit, hf:bert:causal-lm, vendored:mingpt)")
+    one.add_argument("archs", nargs="+", help="architecture keys (hf:vit, hf:bert:causal-lm, vendored:mingpt)")
+    one.add_argument("--timeout", type=float, default=0, help="seconds per architecture (0: none)")
     for command in (run, one):
         command.add_argument("--checks", default=",".join(CHECKS),
                              help=f"comma-separated checks (default all: {', '.join(CHECKS)})")
@@ -27,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--modality", choices=("text", "vision", "audio"), help="only this modality")
     run.add_argument("--every", type=int, default=1, help="every n-th architecture (a sample)")
     run.add_argument("--shard", help="k/n: every n-th architecture from the k-th (after --every)")
-    run.add_argument("--jobs", type=int, default=1, help="architectures run at a time (one process each)")
+    run.add_argument("--jobs", type=int, default=1, help="child processes at a time")
+    run.add_argument("--per-process", type=int, default=1,
+                     help="architectures per child process (default 1: each isolated; more saves the imports)")
     run.add_argument("--timeout", type=float, default=1800, help="seconds per architecture (default 1800)")
     run.add_argument("--results", type=Path, default=RESULTS, help=f"JSONL results file (default {RESULTS})")
     run.add_argument("--redo", action="store_true", help="run again what the results file already has")
@@ -83,13 +86,29 @@ def _quiet() -> None:
 
 def _one(args: argparse.Namespace) -> int:
     _quiet()
+    import signal
+
+    from .catalog import arch_from_key
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"timed out after {args.timeout:.0f} s (the zoo's per-architecture limit)")
+
+    signal.signal(signal.SIGALRM, expired)
+    for key in args.archs:
+        signal.alarm(int(args.timeout) if args.timeout else 0)
+        try:
+            _run_arch(arch_from_key(key), _checks(args.checks))
+        except TimeoutError as error:  # reported by _run_arch when it can; a timeout between checks lands here
+            print(json.dumps({"kind": "timeout", "arch": key, "message": str(error)}), flush=True)
+        finally:
+            signal.alarm(0)
+    return 0
+
+
+def _run_arch(arch, checks: list[str]) -> None:
     from .build import build
-    from .catalog import all_architectures
     from .checks import Context, run_check
 
-    arch = next((a for a in all_architectures() if a.key == args.arch), None)
-    if arch is None:
-        raise SystemExit(f"unknown architecture {args.arch}; see python -m tools.zoo list")
     started = time.perf_counter()
     row = {"kind": "build", "arch": arch.key, "modality": arch.modality, "class_name": arch.class_name}
     try:
@@ -97,15 +116,16 @@ def _one(args: argparse.Namespace) -> int:
     except Exception as error:  # the build's own error lists every level
         print(json.dumps({**row, "error": f"{type(error).__name__}: {error}"[:2000],
                           "seconds": round(time.perf_counter() - started, 1)}), flush=True)
-        return 0
+        return
     print(json.dumps({**row, "level": built.level, "parameters": built.parameters, "command": built.command(),
                       "tries": built.tries, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
     context = Context(built.spec)
-    for check in _checks(args.checks):
+    for check in checks:
         result = run_check(context, check)
         print(json.dumps({"kind": "check", "arch": arch.key, "modality": arch.modality, **result.to_dict()},
                          default=str), flush=True)
-    return 0
+        if result.details.get("type") == "TimeoutError":
+            break  # the architecture's time is spent: the remaining checks stay pending for a rerun
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import run
 
     count = run(_select(args), _checks(args.checks), args.results, args.jobs, args.timeout, args.redo, ROOT,
-                progress=lambda line: print(line, flush=True))
+                per_process=args.per_process, progress=lambda line: print(line, flush=True))
     print(f"ran {count} architecture(s); results in {args.results}")
     return 0
 

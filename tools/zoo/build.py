@@ -130,7 +130,7 @@ def _check_trains(spec: Any) -> None:
     spec.module.zero_grad(set_to_none=True)
     output = spec.module(*spec.args, **spec.kwargs)
     loss = spec.loss_fn(output, *spec.args, **spec.kwargs) if spec.loss_fn else output.loss
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not math.isfinite(float(loss)):
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not math.isfinite(float(loss.detach())):
         raise ValueError(f"the example inputs give no finite scalar loss ({loss!r:.80})")
     loss.backward()
     spec.module.zero_grad(set_to_none=True)

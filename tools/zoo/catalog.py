@@ -72,6 +72,28 @@ def vendored_architectures() -> list[Arch]:
     return entries
 
 
+def arch_from_key(key: str) -> Arch:
+    """The entry a key names (``hf:<type>``, ``hf:<type>:<task>``, ``vendored:<name>``) without listing
+    the whole catalogue. Raises ValueError for a key that names nothing."""
+    if key.startswith("vendored:"):
+        wrapper = VENDORED / key.partition(":")[2] / "effcompile_model.py"
+        if not wrapper.exists():
+            raise ValueError(f"no vendored model {key}; see python -m tools.zoo list")
+        name = wrapper.parent.name
+        return Arch(key, "vision" if "vit" in name.lower() else "text", name, path=str(wrapper))
+    from effcompile.hf_inputs import HF_TASKS
+    from effcompile.spec import default_hf_task, mapping_names
+
+    model_type, _, task = key.removeprefix("hf:").partition(":")
+    task = task or default_hf_task(model_type)
+    if task not in HF_TASKS:
+        raise ValueError(f"{key}: unknown task {task!r}")
+    names = mapping_names(HF_TASKS[task]).get(model_type)
+    if names is None:
+        raise ValueError(f"{key}: transformers has no {task} class for {model_type}")
+    return Arch(key, MODALITY[task], names if isinstance(names, str) else names[0], model_type, task)
+
+
 def all_architectures() -> list[Arch]:
     """Hugging Face architectures, then the vendored files."""
     return hf_architectures() + vendored_architectures()
