@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import sys
 from collections.abc import Callable, Mapping
@@ -244,8 +245,18 @@ def _hf_config(defaults: Any, overrides: Mapping[str, Any], where: str) -> Any:
     try:
         return type(defaults)(**{**_explicit_fields(defaults), **own})
     except Exception as error:  # transformers' strict validation: ValueError, TypeError, StrictDataclass errors
-        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise SpecError(f"{where} config rejects {sorted(own)} ({type(error).__name__}: {message}); "
+        rejected = error
+    # A field another one is built from (GPT-Neo's attention_layers from attention_types): set the fields
+    # on the default config instead, as transformers users do, without the constructor's cross-checks.
+    config = copy.deepcopy(defaults)
+    try:
+        for key, value in own.items():
+            setattr(config, key, value)
+        return config
+    except Exception:
+        lines = [line.strip() for line in str(rejected).strip().splitlines() if line.strip()]
+        message = " ".join(lines[:2])[:240] or type(rejected).__name__
+        raise SpecError(f"{where} config rejects {sorted(own)} ({type(rejected).__name__}: {message}); "
                         "fix the --model-arg values") from None
 
 

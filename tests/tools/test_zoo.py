@@ -20,7 +20,6 @@ from tools.zoo.runner import latest, pending, select_shard  # noqa: E402
 from tools.zoo.shrink import shrink_overrides  # noqa: E402
 from tools.zoo.table import conformance_markdown  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------------- shrinking
 
 def _config(model_type):
