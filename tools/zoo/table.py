@@ -70,7 +70,7 @@ def grouped_messages(checks: dict[tuple[str, str], dict], outcome: str) -> list[
     for (arch, check), row in checks.items():
         if row["outcome"] != outcome:
             continue
-        shape = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", row["message"])[:120]
+        shape = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", re.sub(r"hf:[\w:.-]+|/tmp/\S+", "X", row["message"]))[:120]
         groups[(check, shape)].append(arch)
         examples.setdefault((check, shape), row["message"])
     bullets = []
