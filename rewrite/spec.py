@@ -150,9 +150,11 @@ def load_hf_spec(model_type: str, model_args: Mapping[str, Any] | None = None, b
                             f"transformers.{type(config).__name__} for the fields")
         try:
             setattr(config, key, value)
-        except (AttributeError, TypeError, ValueError) as error:
-            raise SpecError(f"hf:{model_type} config field {key!r} cannot be set to {value!r} ({error}); "
-                            "set the fields it is derived from instead") from None
+        except Exception as error:  # transformers' own validation (StrictDataclassFieldValidationError, ...)
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            raise SpecError(f"hf:{model_type} config field {key!r} cannot be set to {value!r} ({reason}); "
+                            f"fix --model-arg {key}") from None
+    check_config_sizes(config, AutoConfig.for_model(model_type), f"hf:{model_type}")
     if hasattr(config, "use_cache"):
         config.use_cache = False
     if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
@@ -170,6 +172,28 @@ def load_hf_spec(model_type: str, model_args: Mapping[str, Any] | None = None, b
         kwargs["labels"] = input_ids.clone()
     model.train()
     return ModelSpec(model, (), kwargs, None, f"hf:{model_type}")
+
+
+#: Words in a config field's name that make an integer field a count or a size, which must be ≥ 1.
+_SIZE_WORDS = {"layer", "layers", "head", "heads", "size", "dim", "vocab", "position", "positions", "embd",
+               "embed", "embeddings", "inner", "hidden", "intermediate", "ctx", "experts"}
+
+
+def check_config_sizes(config: Any, default: Any, where: str) -> None:
+    """Raise SpecError for an integer config field named as a count or size (layers, heads, size, dim,
+    vocab, positions, ...) below 1 — a 0-layer or negative-width model builds without complaint and is
+    nonsense. Fields whose default is itself below 1 are left alone: there 0 or -1 means something (a
+    "last layer" index, a disabled feature)."""
+    defaults = default.to_dict()
+    for key, value in config.to_dict().items():
+        if isinstance(value, bool) or not isinstance(value, int) or value >= 1:
+            continue
+        if not _SIZE_WORDS & set(key.lower().split("_")):
+            continue
+        base = defaults.get(key)
+        if base is None or (isinstance(base, int) and not isinstance(base, bool) and base >= 1):
+            raise SpecError(f"{where}: config field {key}={value} must be ≥ 1 (a count or size); "
+                            f"fix --model-arg {key}")
 
 
 def _build_hf_model(transformers: Any, config: Any, model_type: str, attn: str | None, seed: int) -> tuple[Any, str]:

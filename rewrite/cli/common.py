@@ -129,7 +129,7 @@ class StageLines:
         self.stop()
         mark = "[green]✓[/green]" if stage.ok else "[red]✗[/red]"
         detail = f" ({stage.detail})" if stage.detail else ""
-        self.console.print(f"{mark} {stage.name}{detail} [dim]{stage.seconds:.1f} s[/dim]")
+        self.console.print(f"{mark} {stage.name}{detail} [dim]{stage.seconds:.1f} s[/dim]", soft_wrap=True)
 
     def stop(self) -> None:
         """Stop a running spinner (before printing anything else on the terminal)."""
