@@ -109,12 +109,16 @@ def _is_non_finite(value: Any) -> bool:
         return False
 
 
-def require(pass_name: str, option: str, value: Any, ok: bool, allowed: str) -> None:
-    """Raise OptionError unless ``ok``: the message names the pass, the option, the value and what is
-    allowed (``allowed``, e.g. "in (0, 1]"). For a pass ``Config.__post_init__``."""
-    if not ok:
-        raise OptionError(f"{pass_name}: {option}={value!r} is not allowed: it must be {allowed}; "
-                          f"fix --set {pass_name}.{option}")
+def split_passes(text: str | None) -> list[str]:
+    """``--passes a,b`` as a list of names (None or nothing given: no passes). Raises OptionError for an
+    empty name (``,``, ``a,,b``, a trailing comma)."""
+    if text is None:
+        return []
+    names = [name.strip() for name in text.split(",")]
+    if "" in names:
+        raise OptionError(f"--passes {text!r} has an empty pass name; list names separated by single commas, "
+                          "e.g. --passes lora,remat (effcompile --list-passes lists them)")
+    return names
 
 
 def _convert(value: Any, annotation: Any) -> Any:

@@ -142,14 +142,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _passes_and_file_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     """The pass names (``--passes`` wins over the config file's ``passes``) and the config file's options."""
-    from ..options import load_config_file
+    from ..options import load_config_file, split_passes
 
-    passes: list[str] = []
-    if args.passes is not None:
-        passes = [p.strip() for p in args.passes.split(",")]
-        if "" in passes:
-            raise OptionError(f"--passes {args.passes!r} has an empty pass name; list names separated by single "
-                              "commas, e.g. --passes lora,remat (effcompile --list-passes lists them)")
+    passes = split_passes(args.passes)
     file_options: dict[str, Any] = {}
     if args.config:
         data = load_config_file(args.config)

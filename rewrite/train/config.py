@@ -1,7 +1,8 @@
 """Every training option (``TrainConfig``) and the names of the files a run writes in its log folder.
 
 A log folder holds ``log.jsonl`` (one JSON line per step), ``summary.json`` (totals, validation, the
-config) and the checkpoint: ``checkpoint.pt`` for the torch backend, ``ort_checkpoint`` (ONNX Runtime's
+config), ``run.json`` (what ``effcompile train`` was given to build the model and read the data, so that
+``effcompile train LOGDIR --resume`` can rebuild it; see ``effcompile.cli.run_record``) and the checkpoint: ``checkpoint.pt`` for the torch backend, ``ort_checkpoint`` (ONNX Runtime's
 parameters and optimizer state) with ``ort_state.json`` (the loop's state) for the ORT backend.
 """
 
@@ -18,8 +19,9 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 ORT_CHECKPOINT = "ort_checkpoint"
 ORT_STATE = "ort_state.json"
+RUN_RECORD = "run.json"
 #: The files whose presence means a folder holds a training run (``--force`` removes them).
-RUN_FILES = (STEP_LOG, CHECKPOINT, SUMMARY, ORT_STATE)
+RUN_FILES = (STEP_LOG, CHECKPOINT, SUMMARY, ORT_STATE, RUN_RECORD)
 
 
 @dataclass(frozen=True)
