@@ -106,7 +106,7 @@ def _main(args: argparse.Namespace) -> int:
 
         check_output_dir(args.out, args.force)
     _check_arguments(args)
-    passes, file_options = _passes_and_file_options(args)
+    passes, file_options = passes_and_file_options(args)
     options = merge_options(file_options, parse_set_options(args.set_options))
     device = parse_device(args.device)
     progress = progress_printer(args.progress, quiet=args.json)
@@ -140,7 +140,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     check_max_error(args.max_error, not args.no_verify)
 
 
-def _passes_and_file_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+def passes_and_file_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     """The pass names (``--passes`` wins over the config file's ``passes``) and the config file's options."""
     from ..options import load_config_file, split_passes
 
