@@ -54,6 +54,10 @@ def load_file_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"model file {path} does not exist; pass a .py file or hf:<model_type> (e.g. hf:gpt2)")
+    if path.is_dir():
+        raise SpecError(f"{path} is a folder, not a model file; pass a Python file defining build_model() and "
+                        "example_inputs(), or hf:<model_type> (`effcompile train DIR` trains a folder written by "
+                        "`effcompile --out`)")
     if path.suffix != ".py":
         raise SpecError(f"model file {path} is not a .py file; pass a Python file defining build_model() "
                         "and example_inputs(), or hf:<model_type>")

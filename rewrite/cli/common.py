@@ -8,16 +8,25 @@ interrupted.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import REPORT_IT, EffcompileError, OptionError, first_line, is_out_of_memory
 
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (problem and where to look), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` and a pointer to ``--help`` on one line; exit 2."""
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def parse_device(name: str) -> Any:

@@ -4,20 +4,29 @@ print the report, exit with a clear code (0 ok, 1 verification failed, 2 bad inp
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
-from .common import configure_logging, console, parse_device, progress_printer, run_guarded, spec_to_device
+from .common import (
+    ArgumentParser,
+    configure_logging,
+    console,
+    parse_device,
+    progress_printer,
+    run_guarded,
+    spec_to_device,
+)
 
 EXPORT_KINDS = ("onnx", "onnx-eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the main command (``effcompile MODEL ...``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="effcompile",
         description="Capture a PyTorch model as a torch.fx graph, rewrite it with verified passes, export it. "
                     "`effcompile train ...` trains a compiled model (see `effcompile train --help`).")
@@ -135,6 +144,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
                               "example_inputs() sets its shapes")
     if args.export and not args.out:
         raise OptionError(f"--export {args.export[0]} writes into the output folder; add --out DIR")
+    if not (0 < args.lr < math.inf) or not (0 <= args.weight_decay < math.inf):
+        raise OptionError(f"--lr {args.lr} and --weight-decay {args.weight_decay} must be finite, the learning rate "
+                          "> 0 and the weight decay ≥ 0; use e.g. --lr 1e-3 --weight-decay 0.01")
     from ..api import check_max_error
 
     check_max_error(args.max_error, not args.no_verify)

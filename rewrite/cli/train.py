@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import OptionError, OutputError, SpecError
 from ..options import split_passes
 from ..train.config import RUN_FILES, STEP_LOG
-from .common import console, parse_device, progress_printer, spec_to_device
+from .common import ArgumentParser, console, parse_device, progress_printer, spec_to_device
 from .run_record import resume_from_log_folder, write_run_record
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..train import OPTIMIZERS, TrainConfig
 
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="effcompile train",
         description="Train a model (a model file, hf:<type>, or a folder written by `effcompile --out`) on a "
                     "byte-level corpus (the Python standard library's sources by default).")

@@ -8,6 +8,7 @@ parameters and optimizer state) with ``ort_state.json`` (the loop's state) for t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,6 +77,8 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "checkpoint_every", "must be ≥ 0"),
             (self.max_train_seconds is None or self.max_train_seconds > 0, "max_train_seconds", "must be > 0"),
             (self.grad_clip >= 0, "grad_clip", "must be ≥ 0")]
+        checks += [(value is None or isinstance(value, bool) or not isinstance(value, float) or math.isfinite(value),
+                    name, "must be a finite number") for name, value in vars(self).items()]
         for ok, name, rule in checks:
             if not ok:
                 raise OptionError(f"train: {name}={getattr(self, name)!r} {rule}; fix --{name.replace('_', '-')}")

@@ -37,6 +37,10 @@ CASES = {
                                                     b"example_inputs = (1,)\n")],
                                 "build_model() raised ZeroDivisionError"),
     "option nan": ([GPT, "--passes", "lora", "--set", "lora.alpha=nan"], "lora.alpha: 'nan' is not a finite number"),
+    "negative learning rate for the ORT export": ([GPT, "--lr", "-1", "--export", "onnx", "--out", "x"],
+                                                  "--lr -1.0 and --weight-decay 0.0 must be finite"),
+    "a folder as the model": (lambda tmp: [tmp], "is a folder, not a model file"),
+    "train: infinite learning rate": (["train", GPT, "--lr", "inf"], "train: lr=inf must be a finite number"),
 }
 
 
@@ -64,3 +68,15 @@ def test_batch_1_compiles_a_graph_that_takes_any_batch(capsys):
     for batch in (1, 3):
         tokens = torch.randint(0, 128, (batch, 16))
         assert result.module(input_ids=tokens, labels=tokens).logits.shape == (batch, 16, 128)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([GPT, "--capture", "foo"], "effcompile: error: argument --capture: invalid choice: 'foo'"),
+    ([GPT, "--batch", "x"], "effcompile: error: argument --batch: invalid int value: 'x'"),
+    (["train", GPT, "--bogus"], "effcompile train: error: unrecognized arguments: --bogus; see effcompile train --help"),
+])
+def test_usage_errors_are_one_line_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.strip() == err.strip().splitlines()[0] and message in err
