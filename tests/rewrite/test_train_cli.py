@@ -5,7 +5,6 @@ resumed by naming it (its run.json says how to rebuild the model)."""
 import json
 
 import pytest
-import torch
 
 import effcompile
 from effcompile.cli import main
@@ -14,14 +13,6 @@ from effcompile.train.data import load_corpus, minimum_bytes
 from conftest import ROOT, tiny_spec
 
 GPT = str(ROOT / "examples" / "gpt.py")  # symbolically traced: any length up to its 64 positions
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
