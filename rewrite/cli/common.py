@@ -84,6 +84,7 @@ def run_guarded(function: Callable[[], int | None], debug: bool) -> int:
     out of memory is bad input (2); any other exception is a bug: one line saying so and 3. With ``debug``
     every error is re-raised so that the traceback shows. Ctrl-C returns 130."""
     from rich.console import Console
+    from rich.markup import escape
 
     stderr = Console(stderr=True)
     try:
@@ -96,7 +97,7 @@ def run_guarded(function: Callable[[], int | None], debug: bool) -> int:
             raise
         code, message = describe_error(error)
         label = "internal error" if code == INTERNAL_ERROR else "error"
-        stderr.print(f"[bold red]effcompile: {label}:[/bold red] {message}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]effcompile: {label}:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
         return code
 
 
@@ -136,9 +137,11 @@ class StageLines:
                 self.status.start()
             return
         self.stop()
+        from rich.markup import escape
+
         mark = "[green]✓[/green]" if stage.ok else "[red]✗[/red]"
         detail = f" ({stage.detail})" if stage.detail else ""
-        self.console.print(f"{mark} {stage.name}{detail} [dim]{stage.seconds:.1f} s[/dim]", soft_wrap=True)
+        self.console.print(f"{mark} {escape(stage.name + detail)} [dim]{stage.seconds:.1f} s[/dim]", soft_wrap=True)
 
     def stop(self) -> None:
         """Stop a running spinner (before printing anything else on the terminal)."""
