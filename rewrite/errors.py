@@ -84,6 +84,12 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
 
 
+def out_of_memory(where: str, error: BaseException) -> ResourceError:
+    """The ``ResourceError`` for running out of memory in ``where``: the fix is smaller sizes."""
+    return ResourceError(f"{where}: out of memory ({first_line(error, 200)}); use a smaller model, --batch or "
+                         "--seq, or a device with more memory")
+
+
 @contextlib.contextmanager
 def guard(where: str) -> Iterator[None]:
     """Run a stage of the road: ``EffcompileError``s pass through, running out of memory becomes a
@@ -95,6 +101,5 @@ def guard(where: str) -> Iterator[None]:
         raise
     except Exception as error:
         if is_out_of_memory(error):
-            raise ResourceError(f"{where}: out of memory ({first_line(error, 200)}); use a smaller model, "
-                                "--batch or --seq, or a device with more memory") from error
+            raise out_of_memory(where, error) from error
         raise InternalError(f"{where} failed with {first_line(error)}; {REPORT_IT}") from error

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ..errors import REPORT_IT, EffcompileError, OptionError, first_line, is_out_of_memory
+from ..errors import REPORT_IT, EffcompileError, OptionError, first_line, is_out_of_memory, out_of_memory
 
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
@@ -103,11 +103,10 @@ def run_guarded(function: Callable[[], int | None], debug: bool) -> int:
 
 def describe_error(error: Exception) -> tuple[int, str]:
     """The exit code and the one-line message for ``error`` (see ``effcompile.errors``)."""
+    if is_out_of_memory(error):
+        error = out_of_memory("effcompile", error)
     if isinstance(error, EffcompileError):
         return error.exit_code, " ".join(str(error).split())
-    if is_out_of_memory(error):
-        return 2, (f"out of memory ({first_line(error, 200)}); use a smaller model, --batch or --seq, or a device "
-                   "with more memory")
     return INTERNAL_ERROR, f"{first_line(error)}; {REPORT_IT}"
 
 
