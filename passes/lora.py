@@ -134,6 +134,18 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+
+def _check_rank(gm: torch.fx.GraphModule, sites: list, rank: int) -> None:
+    """Refuse a rank above min(in, out) of a target: the update B·A cannot have a higher rank, and the
+    adapter's matrices would only waste memory (rank 10**9 tried to allocate 128 GB)."""
+    shapes = {site.path: tuple(gm.get_parameter(site.weight_target).shape) for site in sites}
+    path = min(shapes, key=lambda p: min(shapes[p]))
+    if rank > min(shapes[path]):
+        raise OptionError(f"lora: rank={rank} is not allowed: it must be ≤ min(in, out) of every target, and "
+                          f"the weight of {path} is {shapes[path]}; set --set lora.rank=<1..{min(shapes[path])}> "
+                          f"or leave {path} out of lora.targets")
+
+
 @register
 class Lora(Pass):
     """Add trainable low-rank adapters to the chosen linears and freeze everything else."""
@@ -193,6 +205,7 @@ class Lora(Pass):
                 sites.append(site)  # a module called twice gets one adapter, used at both calls (as PEFT)
         if not sites:
             return self._nothing(selection, existing, config)
+        _check_rank(gm, sites, config.rank)
 
         adapters: dict[str, LoraLinear] = {}
         with torch.random.fork_rng():  # seeded adapters; the caller's random state is left as it was

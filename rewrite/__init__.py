@@ -12,10 +12,13 @@ from .api import CompileResult, compile, load, save
 from .errors import (
     CaptureError,
     EffcompileError,
+    InternalError,
     OptionError,
     OutputError,
     PassError,
+    ResourceError,
     SpecError,
+    ToleranceError,
     VerificationError,
 )
 from .pass_manager import Pass, PassRecord, register, registry
@@ -25,6 +28,6 @@ from .spec import ModelSpec
 
 __all__ = ["compile", "CompileResult", "load", "save", "Program", "Pass", "PassRecord", "register", "registry",
            "Report", "ModelSpec", "EffcompileError", "SpecError", "OptionError", "CaptureError", "PassError",
-           "VerificationError", "OutputError"]
+           "VerificationError", "ToleranceError", "InternalError", "ResourceError", "OutputError"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

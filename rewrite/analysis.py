@@ -3,9 +3,12 @@ networkx view of the graph, and what those cost in time on a device (``DevicePro
 FLOP/s and memory bytes/s, and the host link's bytes/s). Passes and the report read these; none
 re-derives them.
 
-Units: FLOPs are floating-point operations of one forward (a multiply-add is 2); matmul, convolution
-and attention are counted by ``torch.utils.flop_counter.FlopCounterMode``, every other op costs one
-per output element (a proxy for its memory-bound work). Bytes are bytes. Time costs are given in
+Units: FLOPs are floating-point operations of one forward (a multiply-add is 2). Every op that
+``torch.utils.flop_counter.FlopCounterMode`` counts (matmuls, convolutions, attention — including those
+inside composite ops such as ``aten.linear`` and inside modules) is priced with its formulas, so
+``Analysis.total_flops`` is what FlopCounterMode reports for the same forward. For cost models, every
+other op gets one per output element (``NodeCost.flops`` with ``estimated=True``: a proxy for its
+memory-bound work, left out of ``total_flops``). Bytes are bytes. Time costs are given in
 FLOP-equivalents (seconds × the profile's FLOP/s: what a solver sums and compares) or in seconds.
 """
 
@@ -38,6 +41,8 @@ class NodeCost:
     shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
     flops: int = 0
+    # True: ``flops`` is the one-per-output-element proxy of an op FlopCounterMode does not count.
+    estimated: bool = False
     output_bytes: int = 0
     saved_bytes: int = 0
     # Storage ids (keys of ``Analysis.storage_bytes``): the storages this node's output tensors live in
@@ -55,8 +60,8 @@ class Analysis:
 
     @property
     def total_flops(self) -> int:
-        """Forward FLOPs of the whole graph."""
-        return sum(c.flops for c in self.costs.values())
+        """Forward FLOPs of the whole graph as ``FlopCounterMode`` counts them (proxies left out)."""
+        return sum(c.flops for c in self.costs.values() if not c.estimated)
 
     @property
     def saved_activation_bytes(self) -> int:
@@ -95,19 +100,23 @@ class _CostInterpreter(torch.fx.Interpreter):
         self.current = cost
         computes = node.op in ("call_function", "call_method", "call_module")
         # ATen ops are priced straight from torch's FLOP formulas; anything else (modules, torch functions
-        # in symbolically traced graphs) runs under a FlopCounterMode, which costs a dispatch per op.
+        # in symbolically traced graphs, composite ATen ops such as aten.linear that decompose into counted
+        # ones) runs under a FlopCounterMode, which costs a dispatch per op.
         aten_op = computes and isinstance(node.target, torch._ops.OpOverload)
-        counter = FlopCounterMode(display=False) if computes and not aten_op else contextlib.nullcontext()
+        formula = _flop_formula(node.target) if aten_op else None
+        counted_by_mode = computes and formula is None and (not aten_op or _decomposes(node.target))
+        counter = FlopCounterMode(display=False) if counted_by_mode else contextlib.nullcontext()
         self.packed = []
         with counter:
             result = super().run_node(node)
         self.current = None
         self._track_storages(node, result, cost)
         if computes:
-            counted = _registry_flops(node, *self.fetch_args_kwargs_from_env(node), result) if aten_op \
-                else counter.get_total_flops()
+            counted = counter.get_total_flops() if counted_by_mode else \
+                _registry_flops(formula, *self.fetch_args_kwargs_from_env(node), result) if formula else 0
             counted = counted or _attention_flops(node, result)
             cost.flops = int(counted) if counted else _elements(result)
+            cost.estimated = not counted
         cost.output_bytes = _tensor_bytes(result)
         if isinstance(result, torch.Tensor):
             cost.shape, cost.dtype = tuple(result.shape), result.dtype
@@ -153,13 +162,25 @@ class _CostInterpreter(torch.fx.Interpreter):
         return None
 
 
-def _registry_flops(node: torch.fx.Node, args: tuple, kwargs: dict, result: Any) -> int:
-    """FLOPs of an ATen node from ``torch.utils.flop_counter``'s formulas (0 if it has none)."""
+def _flop_formula(op: torch._ops.OpOverload) -> Any:
+    """``torch.utils.flop_counter``'s formula for an ATen op (None if it counts no FLOPs for it)."""
     from torch.utils.flop_counter import flop_registry
 
-    formula = flop_registry.get(node.target.overloadpacket) or flop_registry.get(node.target)
-    if formula is None:
-        return 0
+    return flop_registry.get(op.overloadpacket) or flop_registry.get(op)
+
+
+def _decomposes(op: torch._ops.OpOverload) -> bool:
+    """True for a composite ATen op (``aten.linear``, ``aten.matmul``, ``aten.einsum``...): it reaches the
+    dispatcher, and FlopCounterMode, as the ops it decomposes into."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+    except RuntimeError:  # pragma: no cover - an op without a registered schema name
+        return False
+
+
+def _registry_flops(formula: Any, args: tuple, kwargs: dict, result: Any) -> int:
+    """FLOPs of an ATen node from its ``torch.utils.flop_counter`` formula (0 if it cannot read these
+    arguments)."""
     try:
         return int(formula(*args, **kwargs, out_val=result))
     except Exception:  # a formula that cannot read these arguments: fall back to elementwise pricing

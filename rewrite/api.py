@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,13 +12,12 @@ import torch
 
 from .analysis import Analysis, parameter_count
 from .capture import capture
-from .errors import (
-    SpecError,
-)
+from .errors import OptionError, SpecError, guard
 from .export.module import load_module, save_module
 from .pass_manager import PassManager
 from .plans import ExecutionPlan
 from .program import Program
+from .progress import Progress, stage
 from .report import Report
 from .spec import ModelSpec, normalise_inputs
 
@@ -53,7 +53,7 @@ class CompileResult:
 def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, passes: Sequence[str] = (),
             options: Mapping[str, Mapping[str, Any]] | None = None, loss_fn: Callable[..., torch.Tensor] | None = None,
             verify: bool = True, measure: bool = True, max_error: float | None = None,
-            capture_path: str = "auto", dynamic_batch: bool = True) -> CompileResult:
+            capture_path: str = "auto", dynamic_batch: bool = True, progress: Progress | None = None) -> CompileResult:
     """Capture ``model`` on ``example_inputs`` (a tuple of positional inputs, a dict of keyword inputs,
     or one tensor), run ``passes`` in order with ``options`` (``{"remat": {"budget": 0.5}}``), verify each
     against its input, and return the result. Never modifies ``model``.
@@ -61,9 +61,15 @@ def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, pass
     ``loss_fn(output, *inputs)`` is the training objective (default: the output's ``loss`` field);
     ``max_error`` fails approximate passes whose relative output error exceeds it; ``measure`` runs the
     cost model before and after each pass (bytes saved for backward, FLOPs); ``dynamic_batch=False``
-    captures exported graphs at the example's batch size only (faster capture).
-    Raises EffcompileError subclasses for bad input and VerificationError for broken numerics.
+    captures exported graphs at the example's batch size only (faster capture); ``progress`` receives a
+    ``effcompile.progress.Stage`` as each stage (capture, analysis, each pass, its verification) starts
+    and ends.
+
+    Raises ``EffcompileError`` subclasses for bad input (exit code 2), ``VerificationError`` when an
+    exact pass changed the numerics and ``ToleranceError`` when an approximate one exceeded ``max_error``
+    (1), and ``InternalError`` for a bug (3), naming the stage or pass it happened in.
     """
+    check_max_error(max_error, verify)
     if isinstance(model, ModelSpec):
         spec = model
     else:
@@ -74,15 +80,33 @@ def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, pass
     from .pass_manager import resolve_passes
 
     resolved = resolve_passes(list(passes), options or {})
-    program = capture(spec, capture_path, dynamic_batch)
-    result = PassManager(resolved, verify=verify, measure=measure, max_error=max_error).run(program)
+    with stage(progress, "capture") as note, guard("capture"):
+        program = capture(spec, capture_path, dynamic_batch)
+        note.detail = program.capture_path
+    manager = PassManager(resolved, verify=verify, measure=measure, max_error=max_error, progress=progress)
+    result = manager.run(program)
     report = Report(model=_model_summary(result.program, program, result.analysis_before), records=result.records)
     if (plan := result.program.plan(ExecutionPlan)) is not None:
         report.execution = plan.to_dict()
+    if result.records and result.records[0].verify is not None:  # the captured program's training step, counted
+        report.model["training_flops"] = result.records[0].verify.training_flops_reference
     final = result.program
     del program, result
     gc.collect()  # the captured program (its own parameter copies) sits in GraphModule reference cycles
     return CompileResult(final.gm, final, report)
+
+
+def check_max_error(max_error: float | None, verify: bool = True) -> None:
+    """Raise OptionError unless ``max_error`` is None or a finite number ≥ 0 (the largest relative output
+    error an approximate pass may cause), and verification is on to measure it."""
+    if max_error is None:
+        return
+    if isinstance(max_error, bool) or not isinstance(max_error, (int, float)) or not math.isfinite(max_error) \
+            or max_error < 0:
+        raise OptionError(f"--max-error {max_error!r} is not a finite number ≥ 0 (the largest relative output "
+                          "error an approximate pass may cause); use e.g. --max-error 0.05")
+    if not verify:
+        raise OptionError("--max-error needs verification to measure the error; drop --no-verify (verify=False)")
 
 
 def _model_summary(final: Program, captured: Program, analysis: Analysis | None) -> dict[str, Any]:
@@ -97,7 +121,16 @@ def _model_summary(final: Program, captured: Program, analysis: Analysis | None)
     }
     if analysis is not None:
         summary.update(saved_activation_bytes=analysis.saved_activation_bytes, flops=analysis.total_flops)
+    summary["example_inputs"] = example_shapes(captured)
     return summary
+
+
+def example_shapes(program: Program) -> dict[str, Any]:
+    """The example inputs' shapes and dtypes (``{"args": [...], "kwargs": {name: {...}}}``; non-tensors as
+    None), what a compiled folder records so that ``effcompile train DIR`` feeds it the same shapes."""
+    describe = lambda v: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} \
+        if isinstance(v, torch.Tensor) else None  # noqa: E731
+    return {"args": [describe(v) for v in program.args], "kwargs": {k: describe(v) for k, v in program.kwargs.items()}}
 
 
 def save(result: CompileResult, folder: str, force: bool = False) -> str:

@@ -32,9 +32,9 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     """Capture ``spec.module`` (a deep copy: the user's model is never touched) into a Program.
 
     ``path`` is ``auto`` (symbolic tracing, falling back to export), ``symbolic_trace`` or ``export``.
-    ``dynamic_batch``: export with a symbolic batch dimension (any batch ≥ 2 runs without re-capture;
-    export takes about twice as long); False pins the example's shapes. Symbolic tracing is always
-    shape-generic. ``canonical``: on exported graphs, give SDPA calls whose mask is the materialised causal
+    ``dynamic_batch``: export with a symbolic batch dimension (any batch runs without re-capture; an
+    example of batch 1 is exported at batch 2; export takes about twice as long); False pins the
+    example's shapes. Symbolic tracing is always shape-generic. ``canonical``: on exported graphs, give SDPA calls whose mask is the materialised causal
     mask ``is_causal=True`` (and ``enable_gqa`` instead of ``repeat_kv`` copies), as eager mode calls it
     and return outputs a no-op upcast had aliased (``logits.float()``) unconverted (exact; see
     ``effcompile.canonical``), and mark the loss boundary after the logits for ``torch.compile`` (a
@@ -107,7 +107,8 @@ def _export_loud(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) 
     exported = None
     if dynamic_batch:
         try:
-            exported = torch.export.export(module, spec.args, spec.kwargs, strict=False,
+            args, kwargs = _batch_of_two(spec)
+            exported = torch.export.export(module, args, kwargs, strict=False,
                                            dynamic_shapes=_batch_dynamic_shapes(spec))
         except Exception as error:  # some models pin the batch size: capture them static
             log.info("dynamic-batch export failed (%s); exporting with static shapes", error)
@@ -120,6 +121,19 @@ def _export_loud(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) 
     gm.meta["dynamic_batch"] = any(str(c) for c in exported.range_constraints)
     gm.train(module.training)
     return gm
+
+
+def _batch_of_two(spec: ModelSpec) -> tuple[tuple, dict[str, Any]]:
+    """The example inputs to export a dynamic batch dimension from: as given, or, when every tensor input
+    has batch 1 (a size torch.export specialises), each repeated to batch 2. The graph then takes any
+    batch size, 1 included."""
+    from torch.utils import _pytree as pytree
+
+    tensors = [t for t in pytree.tree_leaves((spec.args, spec.kwargs)) if isinstance(t, torch.Tensor) and t.dim()]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return spec.args, spec.kwargs
+    double = lambda t: torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() else t  # noqa: E731
+    return pytree.tree_map(double, spec.args), pytree.tree_map(double, spec.kwargs)
 
 
 def _batch_dynamic_shapes(spec: ModelSpec) -> tuple | dict:

@@ -4,6 +4,7 @@ validated against the pass's config dataclass."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -32,10 +33,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise OptionError(f"config file {path} does not exist; pass an existing .toml file to --config")
+    if path.is_dir():
+        raise OptionError(f"config file {path} is a folder; pass a .toml file to --config (e.g. {path}/effcompile.toml)")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
-        raise OptionError(f"config file {path} is not valid TOML ({error}); fix the file") from None
+        raise OptionError(f"config file {path} is not valid TOML ({' '.join(str(error).split())}); fix the file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise OptionError(f"config file {path} cannot be read ({reason}); pass a readable UTF-8 .toml file") from None
     return data.get("tool", {}).get("effcompile", data)
 
 
@@ -89,8 +95,30 @@ def convert(pass_name: str, option: str, value: Any, annotation: Any) -> Any:
     try:
         return _convert(value, annotation)
     except (TypeError, ValueError):
+        if _is_non_finite(value):
+            raise OptionError(f"{pass_name}.{option}: {value!r} is not a finite number; set a finite value, "
+                              f"e.g. --set {pass_name}.{option}=<{describe_type(annotation)}>") from None
         raise OptionError(f"{pass_name}.{option}: {value!r} is not {describe_type(annotation)}; "
                           f"set e.g. --set {pass_name}.{option}=<{describe_type(annotation)}>") from None
+
+
+def _is_non_finite(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def split_passes(text: str | None) -> list[str]:
+    """``--passes a,b`` as a list of names (None or nothing given: no passes). Raises OptionError for an
+    empty name (``,``, ``a,,b``, a trailing comma)."""
+    if text is None:
+        return []
+    names = [name.strip() for name in text.split(",")]
+    if "" in names:
+        raise OptionError(f"--passes {text!r} has an empty pass name; list names separated by single commas, "
+                          "e.g. --passes lora,remat (effcompile --list-passes lists them)")
+    return names
 
 
 def _convert(value: Any, annotation: Any) -> Any:
@@ -136,7 +164,10 @@ def _convert(value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool):
             raise ValueError(value)
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):  # no option means anything by nan or inf
+            raise ValueError(value)
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise TypeError(value)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .analysis import Analysis, analyze, parameter_count
-from .errors import EffcompileError, OptionError, PassError, VerificationError
+from .errors import OptionError, ToleranceError, VerificationError, guard
 from .options import build_config, describe_type
 from .program import Program
+from .progress import Progress, stage
 from .verify import VerifyResult, compare
 
 log = logging.getLogger(__name__)
@@ -205,49 +206,75 @@ class RunResult:
 
 class PassManager:
     """Runs passes in order. Each pass gets a clone of the current program (so the input survives for
-    verification); its record gets parameter/bytes/FLOP counts before and after and a verify result."""
+    verification); its record gets parameter/bytes/FLOP counts before and after and a verify result.
+    ``progress`` receives a report as each stage (analysis, each pass, its verification) starts and ends."""
 
     def __init__(self, passes: Sequence[tuple[Pass, Any]], verify: bool = True, measure: bool = True,
-                 max_error: float | None = None) -> None:
+                 max_error: float | None = None, progress: Progress | None = None) -> None:
         self.passes = list(passes)
         self.verify = verify
         self.measure = measure
         self.max_error = max_error
+        self.progress = progress
 
     def run(self, program: Program) -> RunResult:
-        """Run every pass; raise VerificationError if an exact pass broke numerics (or an approximate
-        one exceeded ``max_error``), PassError (naming the pass and those before it) if one failed."""
+        """Run every pass. Raises the ``EffcompileError`` a pass raised on purpose (bad input, e.g. an
+        unreachable budget); ``VerificationError`` if an exact pass broke numerics, ``ToleranceError`` if an
+        approximate one exceeded ``max_error``; ``InternalError`` (a bug), naming the pass and those before
+        it, for any other exception."""
         current = program
-        before = analyze(current) if self.measure else None
+        before = self._analyze(current, "analysis", "analysis of the captured program")
         first = before
         records: list[PassRecord] = []
         for pass_, config in self.passes:
             started = time.perf_counter()
             candidate = current.clone()
-            try:
+            where = f"pass {pass_.name!r} ({_after_text(records)})"
+            with stage(self.progress, f"pass {pass_.name}") as note, guard(where):
                 record = pass_(candidate, config)
-            except EffcompileError:
-                raise
-            except Exception as error:
-                done = [r.name for r in records]
-                raise PassError(f"{pass_.name}: {type(error).__name__}: {error} (after passes {done}); "
-                                "run with --debug for the traceback and report it") from error
+                note.detail = "changed" if record.changed else "unchanged"
             record.exact = pass_.exact
             record.options = dataclasses.asdict(config)
-            after = analyze(candidate) if self.measure and record.changed else before
+            after = self._analyze(candidate, f"analysis after {pass_.name}", f"analysis after {where}") \
+                if record.changed else before
             record.stats = {**_counts(current, candidate, before, after), **record.stats}
             if self.verify:
-                record.verify = compare(current, candidate, pass_.exact, None if pass_.exact else self.max_error)
-                if not record.verify.ok:
-                    raise VerificationError(f"{pass_.name}: verification failed: {'; '.join(record.verify.failures[:3])}; "
-                                            "this is a bug in the pass, report it (or skip the pass)")
+                with stage(self.progress, f"verify {pass_.name}") as note, guard(f"verification of {where}"):
+                    record.verify = compare(current, candidate, pass_.exact, None if pass_.exact else self.max_error)
+                    note.detail = "ok" if record.verify.ok else "failed"
+                record.stats.update(training_flops_before=record.verify.training_flops_reference,
+                                    training_flops_after=record.verify.training_flops_candidate)
+                _check(pass_, record.verify)
             record.seconds = time.perf_counter() - started
-            log.info("pass %s: changed=%s in %.2fs", pass_.name, record.changed, record.seconds)
             records.append(record)
             if record.changed:
                 current, before = candidate, after
         gc.collect()  # verification and analysis leave tensors in reference cycles (interpreters, autograd graphs)
         return RunResult(current, records, first, before)
+
+    def _analyze(self, program: Program, name: str, where: str) -> Analysis | None:
+        if not self.measure:
+            return None
+        with stage(self.progress, name), guard(where):
+            return analyze(program)
+
+
+def _after_text(records: Sequence[PassRecord]) -> str:
+    return f"after passes: {', '.join(r.name for r in records)}" if records else "the first pass"
+
+
+def _check(pass_: Pass, result: VerifyResult) -> None:
+    """Raise the right error for a failed verification: an exact pass that changed the numerics is a bug
+    in that pass; an approximate one past the tolerance is a tolerance the user chose."""
+    if result.ok:
+        return
+    if not pass_.exact:
+        raise ToleranceError(
+            f"{pass_.name}: the output's relative error {result.output_max_rel:.3g} exceeds --max-error "
+            f"{result.tolerance:g}; raise --max-error or tighten {pass_.name}'s options (see effcompile "
+            "--list-passes)")
+    raise VerificationError(f"{pass_.name}: verification failed: {'; '.join(result.failures[:3])}; this exact "
+                            f"pass changed the numerics, a bug in the pass: report it (or skip the pass)")
 
 
 def _counts(old: Program, new: Program, before: Analysis | None, after: Analysis | None) -> dict[str, Any]:

@@ -72,9 +72,12 @@ def render(report: Report, console: Any) -> None:
                   f"{model.get('nodes')} nodes, {human_count(model.get('params'))} parameters "
                   f"({human_count(model.get('trainable_params'))} trainable), "
                   f"{human_bytes(model.get('saved_activation_bytes'))} saved for backward, "
-                  f"{human_count(model.get('flops'))} FLOPs forward")
+                  f"{human_count(model.get('flops'))} FLOPs forward, {human_count(model.get('training_flops'))} "
+                  "per training step (forward + backward; matmuls, convolutions and attention as "
+                  "torch.utils.flop_counter counts them)")
     table = Table(title="passes")
-    for column in ("pass", "changed", "what", "trainable", "saved for bwd", "fwd FLOPs", "verify out/grad err", "s"):
+    for column in ("pass", "changed", "what", "trainable", "saved for bwd", "fwd FLOPs", "train step FLOPs",
+                   "verify out/grad err", "s"):
         table.add_column(column, overflow="fold")
     for record in report.records:
         stats, verify = record.stats, record.verify
@@ -85,6 +88,7 @@ def render(report: Report, console: Any) -> None:
                       _arrow(stats.get("trainable_before"), stats.get("trainable_after"), human_count),
                       _arrow(stats.get("saved_activation_bytes_before"), stats.get("saved_activation_bytes_after"), human_bytes),
                       _arrow(stats.get("flops_before"), stats.get("flops_after"), human_count),
+                      _arrow(stats.get("training_flops_before"), stats.get("training_flops_after"), human_count),
                       check, f"{record.seconds:.2f}s")
     console.print(table)
     for record in report.records:

@@ -56,6 +56,10 @@ def load_file_spec(path: str | Path) -> ModelSpec:
     path = Path(path)
     if not path.exists():
         raise SpecError(f"model file {path} does not exist; pass a .py file or hf:<model_type> (e.g. hf:gpt2)")
+    if path.is_dir():
+        raise SpecError(f"{path} is a folder, not a model file; pass a Python file defining build_model() and "
+                        "example_inputs(), or hf:<model_type> (`effcompile train DIR` trains a folder written by "
+                        "`effcompile --out`)")
     if path.suffix != ".py":
         raise SpecError(f"model file {path} is not a .py file; pass a Python file defining build_model() "
                         "and example_inputs(), or hf:<model_type>")
@@ -180,9 +184,38 @@ def hf_config(model_type: str, model_args: Mapping[str, Any] | None = None, task
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     overrides = {k: v for k, v in (model_args or {}).items() if k != "attn_implementation"}
-    config = _hf_config(CONFIG_MAPPING[model_type](), overrides, f"hf:{model_type}")
+    defaults = CONFIG_MAPPING[model_type]()
+    config = _hf_config(defaults, overrides, f"hf:{model_type}")
+    check_config_sizes(config, defaults, f"hf:{model_type}")
     _prepare_config(config, task or default_hf_task(model_type))
     return config
+
+
+#: Words in a config field's name that make an integer field a count or a size, which must be ≥ 1.
+_SIZE_WORDS = {"layer", "layers", "head", "heads", "size", "dim", "vocab", "position", "positions", "embd",
+               "embed", "embeddings", "inner", "hidden", "intermediate", "ctx", "experts"}
+
+
+def check_config_sizes(config: Any, default: Any, where: str, prefix: str = "") -> None:
+    """Raise SpecError for an integer config field named as a count or size (layers, heads, size, dim,
+    vocab, positions, ...) below 1 — a 0-layer or negative-width model builds without complaint and is
+    nonsense. Fields whose default is itself below 1 are left alone: there 0 or -1 means something (a
+    "last layer" index, a disabled feature). Sub-configs are checked field by field (``prefix`` is the
+    dotted path to ``config``, as ``--model-arg`` writes it)."""
+    values = config.to_dict() if _is_config(config) else config
+    defaults = default.to_dict() if _is_config(default) else default
+    for key, value in values.items():
+        base = defaults.get(key)
+        if isinstance(value, Mapping) and isinstance(base, Mapping):
+            check_config_sizes(value, base, where, f"{prefix}{key}.")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value >= 1:
+            continue
+        if not _SIZE_WORDS & set(key.lower().split("_")):
+            continue
+        if base is None or (isinstance(base, int) and not isinstance(base, bool) and base >= 1):
+            raise SpecError(f"{where}: config field {prefix}{key}={value} must be ≥ 1 (a count or size); "
+                            f"fix --model-arg {prefix}{key}")
 
 
 def hf_tasks(model_type: str) -> list[str]:
@@ -221,9 +254,10 @@ def default_hf_task(model_type: str) -> str:
                     "in transformers, so it has no training loss here; write a model file with a loss_fn instead")
 
 
-def _hf_config(defaults: Any, overrides: Mapping[str, Any], where: str) -> Any:
+def _hf_config(defaults: Any, overrides: Mapping[str, Any], where: str, prefix: str = "") -> Any:
     """``type(defaults)`` built with ``defaults``' explicit values and ``overrides`` (dotted keys reach
-    sub-configs). Fields whose declared default is None are left to the config to derive."""
+    sub-configs; ``prefix`` is the dotted path to ``defaults``). Fields whose declared default is None are
+    left to the config to derive."""
     own: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
@@ -241,7 +275,8 @@ def _hf_config(defaults: Any, overrides: Mapping[str, Any], where: str) -> Any:
     if not own and not nested:
         return defaults
     for field_name, sub_overrides in nested.items():
-        own[field_name] = _hf_config(getattr(defaults, field_name), sub_overrides, f"{where}.{field_name}")
+        own[field_name] = _hf_config(getattr(defaults, field_name), sub_overrides, f"{where}.{field_name}",
+                                     f"{prefix}{field_name}.")
     try:
         return type(defaults)(**{**_explicit_fields(defaults), **own})
     except Exception as error:  # transformers' strict validation: ValueError, TypeError, StrictDataclass errors
@@ -249,15 +284,19 @@ def _hf_config(defaults: Any, overrides: Mapping[str, Any], where: str) -> Any:
     # A field another one is built from (GPT-Neo's attention_layers from attention_types): set the fields
     # on the default config instead, as transformers users do, without the constructor's cross-checks.
     config = copy.deepcopy(defaults)
-    try:
-        for key, value in own.items():
+    for key, value in own.items():
+        try:
             setattr(config, key, value)
-        return config
-    except Exception:
-        lines = [line.strip() for line in str(rejected).strip().splitlines() if line.strip()]
-        message = " ".join(lines[:2])[:240] or type(rejected).__name__
-        raise SpecError(f"{where} config rejects {sorted(own)} ({type(rejected).__name__}: {message}); "
-                        "fix the --model-arg values") from None
+        except Exception as error:  # transformers' own validation (StrictDataclassFieldValidationError, ...)
+            if key in nested:
+                lines = [line.strip() for line in str(rejected).strip().splitlines() if line.strip()]
+                message = " ".join(lines[:2])[:240] or type(rejected).__name__
+                raise SpecError(f"{where} config rejects {sorted(own)} ({type(rejected).__name__}: {message}); "
+                                "fix the --model-arg values") from None
+            reason = " ".join(str(error).split())[:300] or type(error).__name__
+            raise SpecError(f"{where} config field {key!r} cannot be set to {value!r} ({reason}); "
+                            f"fix --model-arg {prefix}{key}") from None
+    return config
 
 
 def _is_config(value: Any) -> bool:

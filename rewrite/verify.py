@@ -1,14 +1,25 @@
 """Run two programs on the same example inputs, same random state, and compare outputs and parameter
-gradients. Exact passes must match to float32 round-off; approximate ones report their error."""
+gradients. Exact passes must match to float32 round-off; approximate ones report their error.
+
+An exact pass must also keep the random stream (dropout masks drawn in the same order), so both sides run
+as captured, with the same seed. An approximate pass is measured with dropout off on both sides (every
+dropout call and attention's ``dropout_p`` run at probability 0): its error is then its own, not the
+difference between two dropout draws. Each side's training step (forward and backward) is also counted
+by ``torch.utils.flop_counter.FlopCounterMode``: the FLOPs a step really costs, recomputation included.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
 
 from .program import Program
 
@@ -34,6 +45,10 @@ class VerifyResult:
     tolerance: float | None = None
     ok: bool = True
     failures: list[str] = field(default_factory=list)
+    dropout_off: bool = False
+    dropout_calls: int = 0
+    training_flops_reference: int | None = None
+    training_flops_candidate: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats rounded to 9 significant digits)."""
@@ -41,18 +56,68 @@ class VerifyResult:
         return {k: (float(f"{v:.9g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in data.items()}
 
 
-def _run(program: Program, module: torch.nn.Module) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+#: Dropout functions and where their probability argument is (position, keyword).
+_DROPOUT_FUNCTIONS: dict[Any, tuple[int, str]] = {
+    **{f: (1, "p") for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                             F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout, torch.feature_dropout,
+                             torch.feature_alpha_dropout)},
+    F.scaled_dot_product_attention: (4, "dropout_p"),
+}
+
+
+def _probability_argument(func: Any) -> tuple[int, str] | None:
+    """Where a dropout probability is among ``func``'s arguments: the functions above, and ATen ops whose
+    schema has a ``p`` (dropout ops) or ``dropout_p`` (attention) argument."""
+    if func in _DROPOUT_FUNCTIONS:
+        return _DROPOUT_FUNCTIONS[func]
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return None
+    names = [argument.name for argument in schema.arguments]
+    if "dropout_p" in names:
+        return names.index("dropout_p"), "dropout_p"
+    if "p" in names and "dropout" in schema.name:
+        return names.index("p"), "p"
+    return None
+
+
+class DropoutOff(TorchFunctionMode):
+    """Run every dropout call (``F.dropout`` and friends, ``nn.Dropout``, ``aten.dropout``/``native_dropout``)
+    and every attention call's ``dropout_p`` at probability 0; ``calls`` counts those that had p > 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        where = _probability_argument(func)
+        if where is not None:
+            position, name = where
+            if name in kwargs:
+                self.calls += bool(kwargs[name])
+                kwargs[name] = 0.0
+            elif len(args) > position:
+                self.calls += bool(args[position])
+                args = (*args[:position], 0.0, *args[position + 1:])
+        return func(*args, **kwargs)
+
+
+def _run(program: Program, module: torch.nn.Module, dropout_off: bool) -> tuple[Any, torch.Tensor,
+                                                                                  dict[str, torch.Tensor], int, int]:
     module.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    output = program.run(module)
-    objective = program.objective(output)
-    objective.backward()
+    off = DropoutOff() if dropout_off else None
+    with FlopCounterMode(display=False) as counter, off if off is not None else contextlib.nullcontext():
+        output = program.run(module)
+        objective = program.objective(output)
+        objective.backward()
     grads = {name: p.grad.detach().float().clone() for name, p in module.named_parameters()
              if p.requires_grad and p.grad is not None}
     module.zero_grad(set_to_none=True)
     leaves = [t.detach().float() for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)
               and t.is_floating_point()]
-    return leaves, objective.detach().float(), grads
+    return leaves, objective.detach().float(), grads, int(counter.get_total_flops()), off.calls if off else 0
 
 
 def _errors(candidate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-6) -> tuple[float, float, bool]:
@@ -69,15 +134,19 @@ def _errors(candidate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-
 
 
 def compare(reference: Program, candidate: Program, exact: bool, tolerance: float | None = None) -> VerifyResult:
-    """Run both programs (train mode, seed 0) and compare outputs, objective and parameter gradients.
+    """Run a training step of both programs (train mode, seed 0; dropout off when not ``exact``) and compare
+    outputs, objective and parameter gradients.
 
     Gradients are compared for trainable parameters present under the same name in both; the others
     are listed in ``grads_not_compared``. ``exact`` applies float32 round-off tolerances; otherwise the
-    run fails only when the output's relative error exceeds ``tolerance`` (None: never).
+    run fails only when the output's relative error exceeds ``tolerance`` (None: never). The result also
+    holds each side's training-step FLOPs.
     """
-    ref_leaves, ref_loss, ref_grads = _run(reference, reference.gm)
-    new_leaves, new_loss, new_grads = _run(candidate, candidate.gm)
-    result = VerifyResult(exact=exact, tolerance=tolerance, loss_reference=float(ref_loss), loss_candidate=float(new_loss))
+    ref_leaves, ref_loss, ref_grads, ref_flops, calls = _run(reference, reference.gm, not exact)
+    new_leaves, new_loss, new_grads, new_flops, new_calls = _run(candidate, candidate.gm, not exact)
+    result = VerifyResult(exact=exact, tolerance=tolerance, loss_reference=float(ref_loss), loss_candidate=float(new_loss),
+                          dropout_off=not exact, dropout_calls=max(calls, new_calls),
+                          training_flops_reference=ref_flops, training_flops_candidate=new_flops)
     if len(ref_leaves) != len(new_leaves):
         result.ok = False
         result.failures.append(f"output has {len(new_leaves)} tensors, reference {len(ref_leaves)}")

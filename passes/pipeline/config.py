@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,8 +37,11 @@ class PipelineConfig:
         if self.microbatches < 1:
             raise OptionError(f"pipeline: microbatches={self.microbatches} must be at least 1; "
                               "set e.g. --set pipeline.microbatches=8")
-        if self.cut_slack < 0:
-            raise OptionError(f"pipeline: cut_slack={self.cut_slack} must be >= 0; use e.g. 0.05")
+        if not (0 <= self.cut_slack < math.inf):
+            raise OptionError(f"pipeline: cut_slack={self.cut_slack} must be a finite number >= 0; use e.g. 0.05")
+        if self.stages_per_rank < 1:
+            raise OptionError(f"pipeline: stages_per_rank={self.stages_per_rank} must be at least 1; "
+                              "set e.g. --set pipeline.stages_per_rank=2")
         if self.schedule == "interleaved":
             if self.stages_per_rank < 2 or self.stages % self.stages_per_rank:
                 raise OptionError(f"pipeline: schedule=interleaved needs stages_per_rank >= 2 dividing "

@@ -188,9 +188,10 @@ class Remat(Pass):
                                           "write e.g. --set remat.budget=0.5 or remat.budget=2GiB") from None
                     return
                 object.__setattr__(self, "budget", budget)
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-                raise OptionError(f"remat: budget {self.budget!r} must be > 0 (a fraction such as 0.5, or a size "
-                                  "such as 2GiB)")
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+                raise OptionError(f"remat: budget={self.budget!r} is not allowed: a fraction of the un-checkpointed "
+                                  "model's saved activations must be > 0 and ≤ 1, in (0, 1] (e.g. 0.5), a size "
+                                  "such as 2GiB > 0; fix --set remat.budget")
 
     def call(self, program: Program, config: Config) -> PassRecord:
         gm = program.gm

@@ -1,22 +1,32 @@
 """What the command-line front ends share: ``--device`` parsing, moving a model spec to a device, logging
 set-up, the guarded runner that turns errors into one line and an exit code, and the console.
 
-Exit codes: 0 ok, 1 verification failed, 2 bad input (an ``EffcompileError``), 3 a bug (one line, the
-traceback with ``--debug``), 130 interrupted.
+Exit codes: 0 ok, 1 a numerical check failed (``VerificationError``), 2 bad input (an ``EffcompileError``),
+3 a bug (``InternalError`` or any unexpected exception: one line, the traceback with ``--debug``), 130
+interrupted.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
-from ..errors import EffcompileError, OptionError
+from ..errors import REPORT_IT, EffcompileError, OptionError, first_line, is_out_of_memory, out_of_memory
 
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a usage error printed as one line (problem and where to look), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` and a pointer to ``--help`` on one line; exit 2."""
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def parse_device(name: str) -> Any:
@@ -69,29 +79,35 @@ def configure_logging(debug: bool) -> None:
 
 
 def run_guarded(function: Callable[[], int | None], debug: bool) -> int:
-    """Call ``function`` and return its exit code; an ``EffcompileError`` prints as one line on stderr and
-    returns its ``exit_code``, any other exception (a bug) as one line and 3 — both re-raised with
-    ``debug`` so that the traceback shows. Ctrl-C returns 130."""
+    """Call ``function`` and return its exit code. An ``EffcompileError`` prints as one line on stderr and
+    returns its ``exit_code`` (2 bad input, 1 a numerical check failed, 3 an ``InternalError``); running
+    out of memory is bad input (2); any other exception is a bug: one line saying so and 3. With ``debug``
+    every error is re-raised so that the traceback shows. Ctrl-C returns 130."""
     from rich.console import Console
+    from rich.markup import escape
 
     stderr = Console(stderr=True)
     try:
         return int(function() or 0)
-    except EffcompileError as error:
-        if debug:
-            raise
-        stderr.print(f"[bold red]effcompile: error:[/bold red] {error}", highlight=False, soft_wrap=True)
-        return error.exit_code
     except KeyboardInterrupt:
         stderr.print("effcompile: interrupted")
         return INTERRUPTED
-    except Exception as error:  # a bug: one line unless --debug
+    except Exception as error:
         if debug:
             raise
-        message = str(error).splitlines()[0] if str(error) else ""
-        stderr.print(f"[bold red]effcompile: internal error:[/bold red] {type(error).__name__}: {message[:300]} "
-                     "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
-        return INTERNAL_ERROR
+        code, message = describe_error(error)
+        label = "internal error" if code == INTERNAL_ERROR else "error"
+        stderr.print(f"[bold red]effcompile: {label}:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+        return code
+
+
+def describe_error(error: Exception) -> tuple[int, str]:
+    """The exit code and the one-line message for ``error`` (see ``effcompile.errors``)."""
+    if is_out_of_memory(error):
+        error = out_of_memory("effcompile", error)
+    if isinstance(error, EffcompileError):
+        return error.exit_code, " ".join(str(error).split())
+    return INTERNAL_ERROR, f"{first_line(error)}; {REPORT_IT}"
 
 
 def console(width: int = 160) -> Any:
@@ -100,3 +116,42 @@ def console(width: int = 160) -> Any:
     from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else width)
+
+
+class StageLines:
+    """Prints the road's stage reports (``effcompile.progress.Stage``) on stderr: one line per finished
+    stage with its elapsed seconds, and, on a terminal, a spinner naming the stage that is running."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.status: Any = None
+
+    def __call__(self, stage: Any) -> None:
+        if stage.seconds is None:
+            if self.console.is_terminal:
+                self.stop()
+                self.status = self.console.status(f"{stage.name} …")
+                self.status.start()
+            return
+        self.stop()
+        from rich.markup import escape
+
+        mark = "[green]✓[/green]" if stage.ok else "[red]✗[/red]"
+        detail = f" ({stage.detail})" if stage.detail else ""
+        self.console.print(f"{mark} {escape(stage.name + detail)} [dim]{stage.seconds:.1f} s[/dim]", soft_wrap=True)
+
+    def stop(self) -> None:
+        """Stop a running spinner (before printing anything else on the terminal)."""
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def progress_printer(asked: bool, quiet: bool = False) -> StageLines | None:
+    """The stage printer to use: on with ``--progress`` (``asked``), else on only when stderr is a terminal
+    and the output is not meant for a program (``quiet``: ``--json``)."""
+    if asked:
+        return StageLines()
+    return StageLines() if not quiet and sys.stderr.isatty() else None

@@ -4,33 +4,42 @@ print the report, exit with a clear code (0 ok, 1 verification failed, 2 bad inp
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
-from .common import configure_logging, console, parse_device, run_guarded, spec_to_device
+from .common import (
+    ArgumentParser,
+    configure_logging,
+    console,
+    parse_device,
+    progress_printer,
+    run_guarded,
+    spec_to_device,
+)
 
 EXPORT_KINDS = ("onnx", "onnx-eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the main command (``effcompile MODEL ...``)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="effcompile",
         description="Capture a PyTorch model as a torch.fx graph, rewrite it with verified passes, export it. "
                     "`effcompile train ...` trains a compiled model (see `effcompile train --help`).")
     parser.add_argument("model", nargs="?", help="a model file defining build_model()/model and example_inputs(), "
                         "or hf:<model_type> (hf:gpt2, hf:llama, hf:bert, ...)")
-    parser.add_argument("--passes", default="", help="comma-separated passes to run in order (see --list-passes)")
+    parser.add_argument("--passes", default=None, help="comma-separated passes to run in order (see --list-passes)")
     parser.add_argument("--set", dest="set_options", action="append", default=[], metavar="PASS.OPTION=VALUE",
                         help="a pass option, e.g. --set remat.budget=0.5 (repeatable)")
     parser.add_argument("--config", help="a TOML file: `passes = [...]` and one [pass] table of options each")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override a Hugging Face config field, e.g. --model-arg n_layer=2 (repeatable)")
-    parser.add_argument("--batch", type=int, default=2, help="batch size of hf: example inputs (default 2; ≥ 2)")
-    parser.add_argument("--seq", type=int, default=32, help="sequence length of hf: example inputs (default 32)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size of hf: example inputs (default 2; ≥ 1)")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length of hf: example inputs (default 32)")
     parser.add_argument("--capture", default="auto", choices=("auto", "symbolic_trace", "export"),
                         help="capture path (default auto: symbolic_trace, falling back to torch.export)")
     parser.add_argument("--static-batch", action="store_true",
@@ -47,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="device to capture and run on (cpu, cuda, ...)")
     parser.add_argument("--list-passes", action="store_true", help="list passes with their options and exit")
     parser.add_argument("--json", action="store_true", help="print report.json to stdout instead of the table")
+    parser.add_argument("--progress", action="store_true", help="print a line per finished stage (capture, analysis, "
+                        "each pass, verification, save, export) on stderr even when it is not a terminal or with "
+                        "--json (default: only on a terminal, not with --json)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     return parser
 
@@ -94,7 +106,7 @@ def _main(args: argparse.Namespace) -> int:
                           "or `effcompile --list-passes`")
 
     from .. import compile as compile_model
-    from ..options import load_config_file, merge_options, parse_set_options
+    from ..options import merge_options, parse_set_options
     from ..report import render
     from ..spec import resolve_spec
 
@@ -102,28 +114,19 @@ def _main(args: argparse.Namespace) -> int:
         from ..export.module import check_output_dir
 
         check_output_dir(args.out, args.force)
-    if args.batch < 1 or args.seq < 1:
-        raise OptionError("--batch and --seq must be positive integers")
-    passes: list[str] = [p for p in args.passes.split(",") if p.strip()]
-    file_options: dict[str, Any] = {}
-    if args.config:
-        data = load_config_file(args.config)
-        file_passes = data.pop("passes", None)
-        if file_passes is not None and not args.passes:
-            if not isinstance(file_passes, list):
-                raise OptionError(f"{args.config}: passes must be a list of names, e.g. passes = [\"remat\"]")
-            passes = [str(p) for p in file_passes]
-        file_options = data
+    _check_arguments(args)
+    passes, file_options = passes_and_file_options(args)
     options = merge_options(file_options, parse_set_options(args.set_options))
     device = parse_device(args.device)
-    spec = resolve_spec(args.model, args.model_arg, args.batch, args.seq)
+    progress = progress_printer(args.progress, quiet=args.json)
+    spec = resolve_spec(args.model, args.model_arg, args.batch or 2, args.seq or 32)
     if device.type != "cpu":
         spec = spec_to_device(spec, device)
     result = compile_model(spec, passes=passes, options=options, verify=not args.no_verify,
                            max_error=args.max_error, capture_path=args.capture,
-                           dynamic_batch=not args.static_batch)
+                           dynamic_batch=not args.static_batch, progress=progress)
     if args.out:
-        _write(result, args)
+        _write(result, args, progress)
     if args.json:
         print(result.report.to_json())
     else:
@@ -131,14 +134,53 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(result: Any, args: argparse.Namespace) -> None:
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flags that make no sense together before any work starts."""
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq)):
+        if value is not None and value < 1:
+            raise OptionError(f"{flag} {value} must be a positive integer")
+        if value is not None and not args.model.startswith("hf:"):
+            raise OptionError(f"{flag} sizes the example inputs of hf: models only; a model file's "
+                              "example_inputs() sets its shapes")
+    if args.export and not args.out:
+        raise OptionError(f"--export {args.export[0]} writes into the output folder; add --out DIR")
+    if not (0 < args.lr < math.inf) or not (0 <= args.weight_decay < math.inf):
+        raise OptionError(f"--lr {args.lr} and --weight-decay {args.weight_decay} must be finite, the learning rate "
+                          "> 0 and the weight decay ≥ 0; use e.g. --lr 1e-3 --weight-decay 0.01")
+    from ..api import check_max_error
+
+    check_max_error(args.max_error, not args.no_verify)
+
+
+def passes_and_file_options(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The pass names (``--passes`` wins over the config file's ``passes``) and the config file's options."""
+    from ..options import load_config_file, split_passes
+
+    passes = split_passes(args.passes)
+    file_options: dict[str, Any] = {}
+    if args.config:
+        data = load_config_file(args.config)
+        file_passes = data.pop("passes", None)
+        if file_passes is not None and args.passes is None:
+            if not isinstance(file_passes, list) or not all(isinstance(p, str) and p for p in file_passes):
+                raise OptionError(f"{args.config}: passes must be a list of pass names, e.g. passes = [\"remat\"]")
+            passes = list(file_passes)
+        file_options = data
+    return passes, file_options
+
+
+def _write(result: Any, args: argparse.Namespace, progress: Any) -> None:
     from ..export.module import atomic_dir, save_module, write_report
+    from ..progress import stage
 
     with atomic_dir(args.out, args.force) as staging:
-        save_module(result.module, staging / "module")
+        with stage(progress, "save") as note:
+            save_module(result.module, staging / "module")
+            note.detail = str(Path(args.out) / "module")
         result.report.exports["module"] = str(Path(args.out) / "module")
         for kind in args.export:
-            result.report.exports[kind] = _export(kind, result, staging, args)
+            with stage(progress, f"export {kind}"):
+                result.report.exports[kind] = _export(kind, result, staging, args)
         write_report(result.report.to_json(), staging)
 
 

@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import EffcompileError
+from .common import ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m effcompile.cli.pipeline``."""
-    parser = argparse.ArgumentParser(prog="python -m effcompile.cli.pipeline",
-                                     description="Train a model split by the pipeline pass under torchrun.")
+    parser = ArgumentParser(prog="python -m effcompile.cli.pipeline",
+                            description="Train a model split by the pipeline pass under torchrun.")
     parser.add_argument("model", help="hf:<type> or a model file (build_model, example_inputs, loss_fn)")
     parser.add_argument("--model-arg", action="append", default=[], help="config override key=value (hf: only)")
     parser.add_argument("--batch", type=int, default=8)

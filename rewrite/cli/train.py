@@ -2,12 +2,14 @@
 byte-level corpus with a progress bar (loss, tokens/s), periodic validation, checkpoints and a JSON log.
 
     effcompile train hf:gpt2 --model-arg n_layer=6 --steps 500 --data stdlib --aga --lclr --out runs/a
-    effcompile train out/ --steps 100 --resume --out runs/a          # a folder written by effcompile --out
+    effcompile train out/ --steps 100 --out runs/a                   # a folder written by effcompile --out
+    effcompile train runs/a --resume --steps 200                      # continue the run logged in runs/a
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError, OutputError, SpecError
+from ..options import split_passes
 from ..train.config import LOSS_CURVE, LOSS_PLOT, RUN_FILES, STEP_LOG
-from .common import console, parse_device, spec_to_device
+from .common import ArgumentParser, console, parse_device, progress_printer, spec_to_device
+from .run_record import resume_from_log_folder, write_run_record
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ..train import OPTIMIZERS, TrainConfig
 
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="effcompile train",
         description="Train a model (a model file, hf:<type>, or a folder written by `effcompile --out`) on a "
                     "byte-level corpus (the Python standard library's sources by default).")
-    parser.add_argument("model", help="model file, hf:<model_type>, or an effcompile --out folder")
+    parser.add_argument("model", help="model file, hf:<model_type>, an effcompile --out folder, or a training log "
+                        "folder to continue with --resume")
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
     parser.add_argument("--data", default="stdlib", help="stdlib (the Python standard library's .py files), "
                         "a text file, or a folder of text files (default stdlib)")
@@ -82,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefetch", type=int, default=defaults.prefetch, help="batches prepared ahead (default 2)")
     parser.add_argument("--backend", default="torch", choices=("torch", "ort"),
                         help="torch, or ort (ONNX Runtime training artifacts of an --out folder)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, no stage lines")
+    parser.add_argument("--progress", action="store_true", help="a line per finished compile stage on stderr even "
+                        "when it is not a terminal")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     return parser
 
@@ -90,12 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``effcompile train``. Returns the exit code; raises EffcompileError for bad input
     (the main CLI prints it as one line and exits 2)."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    resume_from_log_folder(args, parser)
+    _check_arguments(args)
     _check_out(args)
     if args.backend == "ort":
         return _train_ort(args)
     return _train_torch(args)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse sizes below 1 and an empty pass name before any work (``TrainConfig`` checks the rest)."""
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq), ("--max-bytes", args.max_bytes)):
+        if value is not None and value < 1:
+            raise OptionError(f"train: {flag} {value} must be a positive integer")
+    split_passes(args.passes or None)
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -123,8 +141,9 @@ def _is_saved_folder(path: str) -> bool:
                                 or (folder / "onnx").is_dir())
 
 
-def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
-    """The thing to train (CompileResult or loaded module) and the micro-batch and sequence sizes."""
+def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int, Any]:
+    """The thing to train (CompileResult or loaded module), the micro-batch and sequence sizes, and the
+    example inputs to feed a loaded module like (None: the CompileResult's own)."""
     import torch
     from torch.utils import _pytree as pytree
 
@@ -132,15 +151,19 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
     from .. import load
     from ..options import parse_set_options
     from ..spec import parse_model_args, resolve_spec
+    from ..train.inputs import token_shape
 
-    passes = [p for p in args.passes.split(",") if p.strip()]
+    passes = split_passes(args.passes or None)
     if _is_saved_folder(args.model):
         if passes or args.set_options or args.model_arg:
             raise OptionError(f"{args.model} is an already compiled folder; --passes/--set/--model-arg apply to "
                               "model files and hf: types only")
         if not (Path(args.model) / "module").is_dir() and not (Path(args.model) / "structure.pt").exists():
             raise SpecError(f"{args.model} holds no module/ folder (only ONNX artifacts); use --backend ort")
-        return load(args.model, device), args.batch or 8, args.seq or 128
+        example = compiled_example_inputs(args.model)
+        shape = token_shape((), example) if isinstance(example, dict) else token_shape(example or ())
+        batch, seq = args.batch or (shape[0] if shape else 8), args.seq or (shape[1] if shape else 128)
+        return load(args.model, device), batch, seq, example
     batch, seq = args.batch or 8, args.seq or 128
     model_args = list(args.model_arg)
     if args.model.startswith("hf:"):
@@ -160,8 +183,9 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
     if device.type != "cpu":
         spec = spec_to_device(spec, device)
     result = compile_model(spec, passes=passes, options=parse_set_options(args.set_options),
-                           capture_path=args.capture, measure=False)
-    return result, batch, seq
+                           capture_path=args.capture, measure=False,
+                           progress=progress_printer(args.progress, quiet=args.quiet))
+    return result, batch, seq, None
 
 
 def _config(args: argparse.Namespace, batch: int, seq: int) -> Any:
@@ -262,19 +286,37 @@ def _print_summary(summary: dict[str, Any], out: str | None) -> None:
 
 
 def _train_torch(args: argparse.Namespace) -> int:
-    from ..train.data import load_corpus
+    from ..train.data import check_max_bytes, check_source, load_corpus
 
     device = parse_device(args.device)
+    check_source(args.data)
+    model, batch, seq, example = _build(args, device)
+    config = _config(args, batch, seq)
+    check_max_bytes(args.max_bytes, seq, args.val_fraction)
     corpus = load_corpus(args.data, args.val_fraction, args.seed, args.max_bytes)
-    model, batch, seq = _build(args, device)
-    return _run(model, corpus, _config(args, batch, seq), args)
+    return _run(model, corpus, config, args, example)
+
+
+def compiled_example_inputs(folder: str) -> tuple | dict[str, Any] | None:
+    """Zero tensors shaped like the example inputs a folder written by ``effcompile --out`` was compiled on
+    (recorded in its ``report.json``): a tuple of positional or a dict of keyword inputs, as ``train()``'s
+    ``example_inputs`` takes them; None when the report does not record them (or records both kinds)."""
+    import torch
+
+    try:
+        recorded = json.loads((Path(folder) / "report.json").read_text())["model"]["example_inputs"]
+        make = lambda d: None if d is None else torch.zeros(d["shape"], dtype=getattr(torch, d["dtype"]))  # noqa: E731
+        args, kwargs = tuple(make(d) for d in recorded["args"]), {k: make(d) for k, d in recorded["kwargs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return None if args and kwargs else (args or kwargs or None)
 
 
 def _train_ort(args: argparse.Namespace) -> int:
     """Train ONNX Runtime training artifacts: AdamW as exported, the LR schedule applied per step."""
     from ..train import OrtBackend
     from ..train.backends import exported_shape
-    from ..train.data import load_corpus
+    from ..train.data import check_max_bytes, load_corpus
 
     unsupported = [flag for flag, on in (("--aga", args.aga), ("--lclr", args.lclr), ("--passes", args.passes),
                                          ("--optimizer " + args.optimizer, args.optimizer != "adamw"),
@@ -285,6 +327,7 @@ def _train_ort(args: argparse.Namespace) -> int:
     folder = _ort_folder(args.model)
     export_batch, export_seq = exported_shape(folder)
     config = _config(args, args.batch or export_batch or 8, args.seq or export_seq or 128)
+    check_max_bytes(args.max_bytes, config.seq, args.val_fraction)
     backend = OrtBackend(folder, config, device="cuda" if args.device.startswith("cuda") else "cpu")
     corpus = load_corpus(args.data, args.val_fraction, args.seed, args.max_bytes)
     return _run(backend, corpus, config, args)
@@ -293,8 +336,6 @@ def _train_ort(args: argparse.Namespace) -> int:
 def saved_execution(folder: str) -> Any:
     """The execution plan (``ExecutionPlan``) recorded in an ``effcompile --out`` folder's ``report.json`` by a
     pass such as ``auto``, or None (no folder, no report, no plan)."""
-    import json
-
     from ..plans import ExecutionPlan
 
     report = Path(folder) / "report.json"
@@ -307,11 +348,14 @@ def saved_execution(folder: str) -> Any:
     return ExecutionPlan.from_dict(data) if isinstance(data, dict) else None
 
 
-def _run(model: Any, corpus: Any, config: Any, args: argparse.Namespace) -> int:
+def _run(model: Any, corpus: Any, config: Any, args: argparse.Namespace, example_inputs: Any = None) -> int:
     """Train ``model`` (a compiled model or a backend) with a progress bar; print the summary."""
     from ..train import Trainer
 
-    trainer = Trainer(model, corpus, config, log_dir=args.out, execution=saved_execution(args.model))
+    trainer = Trainer(model, corpus, config, log_dir=args.out, example_inputs=example_inputs,
+                      execution=saved_execution(args.model))
+    if args.out:
+        write_run_record(args, config.batch, config.seq)
     if args.resume:
         trainer.load_checkpoint()
     with _Progress(config.steps, trainer.step, args.quiet, config.max_train_seconds) as progress:

@@ -26,7 +26,7 @@ from ..errors import SpecError
 from ..plans import ExecutionPlan
 from .aga import AdaptiveAccumulation, GradientVarianceMeter
 from .config import CHECKPOINT, ORT_CHECKPOINT, ORT_STATE, TrainConfig
-from .inputs import input_builder, objective
+from .inputs import check_shape, input_builder, objective, token_shape
 from .schedules import LayerSchedule, build_optimizer
 
 NextBatch = Callable[[], torch.Tensor]
@@ -105,6 +105,7 @@ class TorchBackend(Backend):
                 raise SpecError(f"the module was captured (torch.export) at sequence length {min(lengths)}, "
                                 f"which its graph fixes; train with --seq {min(lengths)} or compile at seq "
                                 f"{config.seq}")
+        check_shape(self.module, self.build_inputs, config.batch, config.seq, token_shape(args, kwargs))
         self.loss_fn = loss_fn or program_loss
         self.device = _device_of(self.module)
         self.execution = execution or (program.plan(ExecutionPlan) if program is not None else None)

@@ -1,12 +1,14 @@
 """Every training option (``TrainConfig``) and the names of the files a run writes in its log folder.
 
 A log folder holds ``log.jsonl`` (one JSON line per step), ``summary.json`` (totals, validation, the
-config) and the checkpoint: ``checkpoint.pt`` for the torch backend, ``ort_checkpoint`` (ONNX Runtime's
+config), ``run.json`` (what ``effcompile train`` was given to build the model and read the data, so that
+``effcompile train LOGDIR --resume`` can rebuild it; see ``effcompile.cli.run_record``) and the checkpoint: ``checkpoint.pt`` for the torch backend, ``ort_checkpoint`` (ONNX Runtime's
 parameters and optimizer state) with ``ort_state.json`` (the loop's state) for the ORT backend.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,8 +22,9 @@ ORT_CHECKPOINT = "ort_checkpoint"
 ORT_STATE = "ort_state.json"
 LOSS_CURVE = "loss_curve.json"
 LOSS_PLOT = "loss_curve.png"
+RUN_RECORD = "run.json"
 #: The files whose presence means a folder holds a training run (``--force`` removes them).
-RUN_FILES = (STEP_LOG, CHECKPOINT, SUMMARY, ORT_STATE, LOSS_CURVE, LOSS_PLOT)
+RUN_FILES = (STEP_LOG, CHECKPOINT, SUMMARY, ORT_STATE, LOSS_CURVE, LOSS_PLOT, RUN_RECORD)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class TrainConfig:
             (self.compile in ("auto", "on", "off"), "compile", "must be auto, on or off"),
             (self.autocast in ("off", "bfloat16", "float16"), "autocast", "must be off, bfloat16 or float16"),
             (self.log_every >= 1, "log_every", "must be ≥ 1"), (self.prefetch >= 1, "prefetch", "must be ≥ 1")]
+        checks += [(value is None or isinstance(value, bool) or not isinstance(value, float) or math.isfinite(value),
+                    name, "must be a finite number") for name, value in vars(self).items()]
         for ok, name, rule in checks:
             if not ok:
                 raise OptionError(f"train: {name}={getattr(self, name)!r} {rule}; fix --{name.replace('_', '-')}")

@@ -13,6 +13,7 @@ has them, nobody here wrote them), or any text file or folder.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sysconfig
@@ -78,12 +79,11 @@ def load_corpus(source: str | Path = "stdlib", val_fraction: float = 0.05, seed:
     """
     if not 0.0 < val_fraction < 1.0:
         raise SpecError(f"validation fraction {val_fraction} must be between 0 and 1; use e.g. 0.05")
+    check_source(source)
     if str(source) == "stdlib":
         root, suffixes, name = stdlib_root(), (".py",), "stdlib"
     else:
         root, suffixes, name = Path(source), TEXT_SUFFIXES, str(source)
-        if not root.exists():
-            raise SpecError(f"--data {source} does not exist; pass stdlib, a text file or a folder of text files")
     if root.is_file():
         return _single_file_corpus(root, val_fraction, max_bytes)
     files = list_files(root, suffixes)
@@ -102,6 +102,12 @@ def load_corpus(source: str | Path = "stdlib", val_fraction: float = 0.05, seed:
     return Corpus(train, validation, train_names, validation_names, str(root), name)
 
 
+def check_source(source: str | Path) -> None:
+    """Raise SpecError unless ``source`` is ``stdlib`` or an existing file or folder."""
+    if str(source) != "stdlib" and not Path(source).exists():
+        raise SpecError(f"--data {source} does not exist; pass stdlib, a text file or a folder of text files")
+
+
 def _read(files: list[Path], ids: list[int], root: Path, budget: int | None) -> tuple[torch.Tensor, list[str]]:
     chunks: list[bytes] = []
     names: list[str] = []
@@ -118,7 +124,36 @@ def _read(files: list[Path], ids: list[int], root: Path, budget: int | None) -> 
         names.append(files[index].relative_to(root).as_posix())
         total += len(data) + len(_SEPARATOR)
     blob = _SEPARATOR.join(chunks)
+    if not blob:
+        return torch.empty(0, dtype=torch.uint8), names
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone(), names
+
+
+def minimum_bytes(seq: int, val_fraction: float) -> int:
+    """The smallest ``max_bytes`` that leaves one window of ``seq`` tokens (plus its next-token target and
+    one spare byte) in both the training and the validation split."""
+    needed = seq + 2
+
+    def smallest_split(total: int) -> int:  # a folder splits the budget as below, a single file by its cut
+        validation, cut = int(total * val_fraction), int(total * (1 - val_fraction))
+        return min(validation, total - validation, cut, total - cut)
+
+    total = max(math.ceil(needed / val_fraction), math.ceil(needed / (1 - val_fraction)))
+    while smallest_split(total) < needed:
+        total += 1
+    return total
+
+
+def check_max_bytes(max_bytes: int | None, seq: int, val_fraction: float) -> None:
+    """Raise SpecError when ``max_bytes`` is too small for one (batch, seq) window in each split, naming
+    the minimum."""
+    if max_bytes is None:
+        return
+    least = minimum_bytes(seq, val_fraction)
+    if max_bytes < least:
+        raise SpecError(f"--max-bytes {max_bytes} is too small for one batch: training and validation each need "
+                        f"{seq + 2} bytes at --seq {seq}, so --max-bytes must be ≥ {least} (at --val-fraction "
+                        f"{val_fraction:g})")
 
 
 def _single_file_corpus(path: Path, val_fraction: float, max_bytes: int | None) -> Corpus:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SpecError
+from ..graph import get_attr_value
 
 InputBuilder = Callable[[torch.Tensor], tuple[tuple, dict[str, Any]]]
 
@@ -47,6 +48,66 @@ def input_builder(module: torch.nn.Module, example_args: tuple = (), example_kwa
                             "pass example_inputs or a model taking (input_ids[, labels])")
     return lambda tokens: ((), {name: torch.ones_like(tokens) if name == "attention_mask" else tokens
                                 for name in names})
+
+
+def token_shape(args: tuple = (), kwargs: Mapping[str, Any] | None = None) -> tuple[int, int] | None:
+    """(batch, seq) of the first integer rank-2 tensor among example inputs (the tokens), or None."""
+    for value in [*args, *(kwargs or {}).values()]:
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point():
+            return int(value.shape[0]), int(value.shape[1])
+    return None
+
+
+def check_shape(module: torch.nn.Module, build_inputs: InputBuilder, batch: int, seq: int,
+                example: tuple[int, int] | None) -> None:
+    """Raise SpecError when ``module`` cannot run (batch, seq) token batches, saying the largest length it
+    takes. Run before training, with no gradient and the random state left as it was; skipped at the
+    example's own shape. The largest length comes from the model's position tables (embeddings with
+    more rows than the example's length and fewer than ``seq``), else the example's length is named."""
+    if example == (batch, seq):
+        return
+    failure = _forward_fails(module, build_inputs, batch, seq)
+    if failure is None:
+        return
+    known = f"; it was captured at --batch {example[0]} --seq {example[1]}" if example else ""
+    if example is not None and seq != example[1] and _forward_fails(module, build_inputs, batch, example[1]) is None:
+        shorter = max(1, example[1] // 2)
+        if seq < example[1] or (shorter < example[1] and _forward_fails(module, build_inputs, batch, shorter)):
+            raise SpecError(f"--seq {seq}: the graph takes sequences of {example[1]} tokens only (a length fixed at "
+                            f"capture, as torch.export does; {failure}); use --seq {example[1]} or compile the "
+                            f"model at --seq {seq}")
+        longest = next((rows for rows in _position_rows(module, example[1], seq)
+                        if _forward_fails(module, build_inputs, batch, rows) is None), example[1])
+        raise SpecError(f"--seq {seq} is beyond what the model takes ({failure}): its longest sequence is "
+                        f"{longest} tokens{known}; use --seq {longest} or less, or compile the model at --seq {seq}")
+    raise SpecError(f"the model cannot run batches of {batch} × {seq} tokens ({failure}){known}; use the "
+                    "compiled shape (recompile at the shape you need, without --static-batch for other batch sizes)")
+
+
+def _forward_fails(module: torch.nn.Module, build_inputs: InputBuilder, batch: int, seq: int) -> str | None:
+    """None if one forward on (batch, seq) zero tokens runs, else the error's first line."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    args, kwargs = build_inputs(torch.zeros(batch, seq, dtype=torch.long, device=device))
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            module(*args, **kwargs)
+    except Exception as error:  # the model's own failure at this shape: reported, not raised
+        message = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {message[0][:150]}" if message else type(error).__name__
+    return None
+
+
+def _position_rows(module: torch.nn.Module, shortest: int, longest: int) -> list[int]:
+    """Row counts of the embedding tables (``nn.Embedding`` modules, ``aten.embedding`` weights) in
+    [``shortest``, ``longest``), longest first: the candidates for a position table's size."""
+    tables = [m.weight for m in module.modules() if isinstance(m, torch.nn.Embedding)]
+    graph = getattr(module, "graph", None)
+    if graph is not None:
+        for node in graph.nodes:
+            if node.target is torch.ops.aten.embedding.default and getattr(node.args[0], "op", "") == "get_attr":
+                tables.append(get_attr_value(module, str(node.args[0].target)))
+    rows = {int(t.shape[0]) for t in tables if t.dim() == 2 and shortest <= t.shape[0] < longest}
+    return sorted(rows, reverse=True)
 
 
 def objective(output: Any, tokens: torch.Tensor, args: tuple, kwargs: Mapping[str, Any],

@@ -64,7 +64,7 @@ def test_error_falls_as_rank_rises_and_report_is_per_layer(programs):
     assert output_errors[0] > output_errors[1] > output_errors[2]
     assert weight_errors[0] > weight_errors[1] > weight_errors[2]
     # max_error turns the reported error into a failure.
-    with pytest.raises(Exception, match="exceeds the tolerance"):
+    with pytest.raises(Exception, match="exceeds --max-error 0.001"):
         run(program, {"rank": 4}, max_error=1e-3)
 
 

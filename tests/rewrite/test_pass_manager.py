@@ -8,7 +8,7 @@ import torch
 
 import effcompile
 from effcompile import pass_manager
-from effcompile.errors import OptionError, VerificationError
+from effcompile.errors import OptionError, ToleranceError, VerificationError
 from effcompile.graph import finalize
 from effcompile.options import build_config, load_config_file, merge_options, parse_set_options
 
@@ -91,7 +91,7 @@ def test_exact_pass_that_breaks_numerics_fails_verification(monkeypatch):
     result = effcompile.compile(spec, passes=[Scale.name], measure=False)
     verify = result.report.record(Scale.name).verify
     assert verify.ok and verify.output_max_rel == pytest.approx(0.01, rel=1e-3)
-    with pytest.raises(VerificationError, match="exceeds the tolerance"):
+    with pytest.raises(ToleranceError, match=r"relative error 0.01 exceeds --max-error 0.001; raise --max-error"):
         effcompile.compile(spec, passes=[Scale.name], max_error=1e-3, measure=False)
 
 
