@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -91,21 +92,23 @@ class Auto(Pass):
             except ValueError:
                 raise OptionError(f"auto: memory {memory!r} is neither a fraction nor a size; write e.g. "
                                   "--set auto.memory=0.8 or auto.memory=40GiB") from None
-            if value <= 0 or 1 < value < 2**20:
+            if not math.isfinite(value) or value <= 0 or 1 < value < 2**20:
                 raise OptionError(f"auto: memory {memory!r} must be a fraction in (0, 1] of the available memory or "
-                                  "a size of at least 1MiB (e.g. 40GiB)")
+                                  "a finite size of at least 1MiB (e.g. 40GiB)")
             allowed = allowed_names(registry())
             unknown = [a for a in self.allow if a not in allowed]
             if unknown:
                 raise OptionError(f"auto: allow {', '.join(unknown)} unknown; choose from {', '.join(allowed)}")
             for name in ("budget_seconds", "stop_margin", "prune_margin", "tie_margin"):
-                if getattr(self, name) < 0:
-                    raise OptionError(f"auto: {name} {getattr(self, name)} must be ≥ 0")
+                if not 0 <= getattr(self, name) < math.inf:
+                    raise OptionError(f"auto: {name} {getattr(self, name)} must be a finite number ≥ 0")
             if self.steps < 1 or self.warmup < 0:
                 raise OptionError(f"auto: steps {self.steps} must be ≥ 1 and warmup {self.warmup} ≥ 0")
-            bad = [d for d in self.sas_densities if not 0 < d < 1] + [b for b in self.remat_budgets if not 0 < b <= 1]
-            if bad:
-                raise OptionError(f"auto: {bad[0]} is not in (0, 1); sas_densities and remat_budgets are fractions")
+            for name, values, interval in (("sas_densities", self.sas_densities, "(0, 1)"),
+                                           ("remat_budgets", self.remat_budgets, "(0, 1]")):
+                bad = [v for v in values if not (0 < v < 1 or (v == 1 and interval == "(0, 1]"))]
+                if bad:
+                    raise OptionError(f"auto: {name} holds {bad[0]}, not in {interval}; {name} are fractions")
 
     def requires(self, program: Program, config: Config) -> None:
         """Refuse a program that already has an execution plan (auto ran before on it)."""

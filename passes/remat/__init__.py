@@ -52,6 +52,7 @@ inputs, cached bf16 weight casts, float32 norms); segments recompute under the s
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -159,16 +160,17 @@ class Remat(Pass):
 
         def __post_init__(self) -> None:
             if isinstance(self.time_scale, bool) or not isinstance(self.time_scale, (int, float)) or \
-                    self.time_scale < 0:
-                raise OptionError(f"remat: time_scale {self.time_scale!r} must be a number ≥ 0 (0: automatic)")
+                    not 0 <= self.time_scale < math.inf:
+                raise OptionError(f"remat: time_scale {self.time_scale!r} must be a finite number ≥ 0 (0: automatic)")
             for name in ("link_bandwidth", "offload_min_bytes"):
                 value = getattr(self, name)
                 try:
                     number = parse_bytes(value.removesuffix("/s")) if isinstance(value, str) else value
-                    if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
+                    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < math.inf:
                         raise ValueError(value)
                 except ValueError:
-                    raise OptionError(f"remat: {name} {value!r} must be bytes ≥ 0, e.g. 45GB or 4.5e10") from None
+                    raise OptionError(f"remat: {name} {value!r} must be a finite number of bytes ≥ 0, e.g. 45GB or "
+                                      "4.5e10") from None
                 object.__setattr__(self, name, float(number))
             if isinstance(self.head_rows, bool) or not isinstance(self.head_rows, int) or self.head_rows < 0:
                 raise OptionError(f"remat: head_rows {self.head_rows!r} must be a whole number ≥ 0 (0: automatic)")

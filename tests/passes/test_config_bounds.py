@@ -74,3 +74,19 @@ def test_lora_rank_above_a_targets_dimensions_is_refused_naming_the_layer():
     result = effcompile.compile(tiny_spec("gpt2", seq=8), passes=["lora"], options={"lora": {"rank": 64}},
                                 verify=False, measure=False)
     assert result.report.record("lora").changed
+
+
+#: Options a pass needs before its Config is valid at all (lowrank: a rank or an energy).
+_REQUIRED = {"lowrank": {"energy": 0.9}}
+
+
+@pytest.mark.parametrize("pass_name, option", _options(float))
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_configs_built_directly_refuse_nan_and_inf(pass_name, option, value):
+    # the Python API builds Config(...) without build_config's parsing: __post_init__ holds the bounds
+    config_class = registry()[pass_name].Config
+    hint = typing.get_type_hints(config_class)[option]
+    given = (value,) if typing.get_origin(hint) is tuple else value
+    with pytest.raises(OptionError) as error:
+        config_class(**{**_REQUIRED.get(pass_name, {}), option: given})
+    assert f"{pass_name}" in str(error.value) and option in str(error.value)
