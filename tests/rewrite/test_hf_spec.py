@@ -103,6 +103,11 @@ def test_dotted_keys_reach_sub_configs():
     ("gpt2", {"n_layer.x": 1}, "is not a sub-config"),
     ("llama", {"no_such_field": 1}, "config has no field 'no_such_field'"),
     ("gpt2", {"n_embd": 30, "n_head": 4}, "config rejects|building causal-lm model failed"),
+    # a sub-config's count below 1, and a value its class rejects: transformers' reason, the dotted flag
+    ("gemma3", {"text_config.num_hidden_layers": 0}, r"config field text_config.num_hidden_layers=0 must be ≥ 1 "
+                                                      r"\(a count or size\); fix --model-arg text_config.num_hidden_layers"),
+    ("gemma3", {"text_config.hidden_size": "x"}, r"'hidden_size' cannot be set to 'x' \(.*expected int.*\); "
+                                                  r"fix --model-arg text_config.hidden_size"),
     ("clip_vision_model", {}, "has no causal-LM, seq2seq, masked-LM, image- or audio-classification class"),
 ])
 def test_refusals_are_one_line(model_type, args, message):

@@ -112,3 +112,33 @@ def test_a_log_folder_without_a_usable_record_says_how_to_resume(tmp_path, capsy
         (run_dir / "run.json").write_text(content)
     code, err = run([run_dir, "--resume"], capsys)
     assert code == 2 and message in err and "effcompile train MODEL --resume --out" in err, err
+
+
+def test_a_compiled_folder_follows_its_execution_plan_at_its_shape_and_resumes(compiled_folder, tmp_path, capsys,
+                                                                              monkeypatch):
+    # main's plan reading (report.json's "execution", e.g. auto's torch.compile choice) and the folder's own
+    # shape and run.json together: the plan is followed on the first run and again when the log folder resumes.
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "compiled"
+    shutil.copytree(compiled_folder, folder)
+    report = json.loads((folder / "report.json").read_text())
+    report["execution"] = {"compile": True, "stack": ["identity"], "chosen_by": "auto", "reason": "test"}
+    (folder / "report.json").write_text(json.dumps(report))
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module) or module)
+    out = tmp_path / "run"
+    common = ["--max-bytes", "20000", "--quiet", "--eval-every", "0", "--eval-batches", "1"]
+    code, err = run([folder, "--steps", "1", "--out", out, *common], capsys)
+    assert code == 0, err
+    assert len(compiled) == 1
+    config = json.loads((out / "summary.json").read_text())["config"]
+    assert (config["batch"], config["seq"]) == (2, 16)
+    assert json.loads((out / "run.json").read_text())["model"] == str(folder.resolve())
+    code, err = run([out, "--resume", "--steps", "2", "--quiet"], capsys)
+    assert code == 0, err
+    assert len(compiled) == 2 and len((out / "log.jsonl").read_text().splitlines()) == 2
+    code, err = run([folder, "--steps", "1", "--compile", "off", *common], capsys)
+    assert code == 0 and len(compiled) == 2, err  # --compile off overrides the plan
