@@ -182,7 +182,9 @@ class Lowrank(Pass):
 
 
 def _rank_for_energy(energy: torch.Tensor, fraction: float) -> int:
-    """Smallest r with Σ_{i<r} s_i² ≥ fraction·Σ s_i² (at least 1)."""
+    """Smallest r with Σ_{i<r} s_i² ≥ fraction·Σ s_i² (at least 1); fraction 1.0 keeps every value (exact)."""
+    if fraction >= 1.0:
+        return energy.numel()
     cumulative = torch.cumsum(energy, 0) / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
     rank = int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype) - 1e-7)) + 1
     return max(1, min(rank, energy.numel()))

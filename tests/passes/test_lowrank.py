@@ -35,7 +35,8 @@ def factorised(gm):
 
 @pytest.mark.parametrize("arch", list(EXPECTED_LAYERS))
 def test_full_rank_is_exact(programs, arch):
-    new, record = run(programs[arch], {"rank": 64, "min_saving": -10.0})
+    # energy 1.0 keeps every singular value of every layer, whatever its shape (Llama's GQA k/v are 32×64).
+    new, record = run(programs[arch], {"energy": 1.0, "min_saving": -10.0})
     assert record.changed and not record.exact
     layers = record.details["layers"]
     assert len(layers) == EXPECTED_LAYERS[arch] == len(factorised(new.gm))
@@ -52,7 +53,7 @@ def test_full_rank_is_exact(programs, arch):
 def test_error_falls_as_rank_rises_and_report_is_per_layer(programs):
     program = programs["llama"]
     output_errors, weight_errors = [], []
-    for rank in (4, 16, 40):
+    for rank in (4, 12, 28):  # ≤ 32, the smallest dimension (GQA k/v 32×64)
         _, record = run(program, {"rank": rank})
         output_errors.append(record.verify.output_max_rel)
         weight_errors.append(record.details["worst_relative_frobenius_error"])
