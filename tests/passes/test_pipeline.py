@@ -32,7 +32,9 @@ def gpt2_result():
 
 @pytest.fixture(scope="module")
 def llama_result():
-    return _compile(tiny_spec("llama", batch=4), stages=2)
+    # With its real head_dim (16) the tiny Llama's best flop balance cuts inside layer 1's attention
+    # (imbalance 1.001, three tensors); a 30% slack lets the partitioner trade balance for the residual cut.
+    return _compile(tiny_spec("llama", batch=4), stages=2, cut_slack=0.3)
 
 
 @pytest.mark.parametrize("name", ["gpt2_result", "llama_result"])
