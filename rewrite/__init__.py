@@ -16,6 +16,7 @@ from .errors import (
     OutputError,
     PassError,
     SpecError,
+    UnsafeFolderError,
     VerificationError,
 )
 from .pass_manager import Pass, PassRecord, register, registry
@@ -25,6 +26,6 @@ from .spec import ModelSpec
 
 __all__ = ["compile", "CompileResult", "load", "save", "Program", "Pass", "PassRecord", "register", "registry",
            "Report", "ModelSpec", "EffcompileError", "SpecError", "OptionError", "CaptureError", "PassError",
-           "VerificationError", "OutputError"]
+           "VerificationError", "OutputError", "UnsafeFolderError"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -33,3 +33,8 @@ class VerificationError(EffcompileError):
 
 class OutputError(EffcompileError):
     """The output folder cannot be written as asked."""
+
+
+class UnsafeFolderError(OutputError):
+    """A folder to load names something effcompile does not load: a pickle, or a callable, module class or
+    type outside the allow-list. Nothing from it was run."""

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from effcompile.export.registry import serializable
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flex", "gather", "reference")
@@ -279,6 +281,7 @@ def flex_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
                         enable_gqa=key.shape[1] != query.shape[1], kernel_options=kernel_options)
 
 
+@serializable(transient={"_block_masks": dict})
 class SparseAttention(torch.nn.Module):
     """Block-sparse attention replacing one attention of a captured graph.
 
