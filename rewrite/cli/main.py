@@ -148,16 +148,21 @@ def _main(args: argparse.Namespace) -> int:
     if not args.model:
         raise OptionError("no model given; run e.g. `effcompile examples/gpt.py --passes identity` "
                           "or `effcompile --list-passes`")
+    if args.out:  # refuse a bad --out before doing any work, and hold it until the run ends
+        from ..export.folder import OutputClaim
 
+        inputs = [p for p in (args.model, args.config) if p and Path(p).exists()]
+        with OutputClaim(args.out, args.force, protect=inputs) as claim:
+            return _run(args, claim)
+    return _run(args, None)
+
+
+def _run(args: argparse.Namespace, claim: Any) -> int:
     from .. import compile as compile_model
     from ..options import load_config_file, merge_options, parse_set_options
     from ..report import render
     from ..spec import resolve_spec
 
-    if args.out:  # refuse a bad --out before doing any work
-        from ..export.module import check_output_dir
-
-        check_output_dir(args.out, args.force)
     if args.batch < 1 or args.seq < 1:
         raise OptionError("--batch and --seq must be positive integers")
     passes: list[str] = [p for p in args.passes.split(",") if p.strip()]
@@ -178,8 +183,8 @@ def _main(args: argparse.Namespace) -> int:
     result = compile_model(spec, passes=passes, options=options, verify=not args.no_verify,
                            max_error=args.max_error, capture_path=args.capture,
                            dynamic_batch=not args.static_batch)
-    if args.out:
-        _write(result, args)
+    if claim is not None:
+        _write(result, args, claim)
     if args.json:
         print(result.report.to_json())
     else:
@@ -209,10 +214,10 @@ def _to_device(spec: Any, device: Any) -> Any:
     return spec
 
 
-def _write(result: Any, args: argparse.Namespace) -> None:
-    from ..export.module import atomic_dir, save_module, write_report
+def _write(result: Any, args: argparse.Namespace, claim: Any) -> None:
+    from ..export.module import save_module, write_report
 
-    with atomic_dir(args.out, args.force) as staging:
+    with claim.staging() as staging:
         save_module(result.module, staging / "module")
         result.report.exports["module"] = str(Path(args.out) / "module")
         for kind in args.export:

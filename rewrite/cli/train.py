@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError, OutputError, SpecError
+from ..errors import OptionError, SpecError
 from .main import parse_device
 
 log = logging.getLogger(__name__)
+# What marks a folder (or its module/) written by `effcompile --out`; structure.pt is the old pickle
+# format, routed to load() so that it is refused with the way to re-create it.
+_SAVED_ENTRIES = ("module", "structure.json", "structure.pt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,35 +88,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     (the main CLI prints it as one line and exits 2)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
-    _check_out(args)
-    if args.backend == "ort":
-        return _train_ort(args)
-    return _train_torch(args)
-
-
-def _check_out(args: argparse.Namespace) -> None:
     if args.resume and not args.out:
         raise OptionError("--resume needs --out LOGDIR (the folder holding the checkpoint)")
+    run = _train_ort if args.backend == "ort" else _train_torch
     if not args.out:
-        return
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; pass a folder path")
-    if args.resume:
-        return
-    holds_run = any((out / name).exists() for name in ("log.jsonl", "checkpoint.pt", "ort_state.json"))
-    if holds_run and not args.force:
-        raise OutputError(f"--out {out} already holds a training run; pass --resume to continue it, "
-                          "--force to start over, or another folder")
-    if holds_run:
-        for name in ("log.jsonl", "checkpoint.pt", "summary.json", "ort_state.json"):
-            (out / name).unlink(missing_ok=True)
+        return run(args)
+    from ..export.folder import claim_log_dir
+
+    # effcompile's own run folders only (marker), one run at a time (lock held until the run ends)
+    with claim_log_dir(args.out, args.force, args.resume):
+        return run(args)
 
 
 def _is_saved_folder(path: str) -> bool:
     folder = Path(path)
-    return folder.is_dir() and ((folder / "module").is_dir() or (folder / "structure.pt").exists()
-                                or (folder / "onnx").is_dir())
+    return folder.is_dir() and any((folder / name).exists() for name in _SAVED_ENTRIES + ("onnx",))
 
 
 def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
@@ -131,7 +120,7 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
         if passes or args.set_options or args.model_arg:
             raise OptionError(f"{args.model} is an already compiled folder; --passes/--set/--model-arg apply to "
                               "model files and hf: types only")
-        if not (Path(args.model) / "module").is_dir() and not (Path(args.model) / "structure.pt").exists():
+        if not any((Path(args.model) / name).exists() for name in _SAVED_ENTRIES):
             raise SpecError(f"{args.model} holds no module/ folder (only ONNX artifacts); use --backend ort")
         return load(args.model, device), args.batch or 8, args.seq or 128
     batch, seq = args.batch or 8, args.seq or 128

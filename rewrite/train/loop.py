@@ -44,7 +44,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ..errors import OptionError, SpecError
+from ..errors import OptionError, OutputError, SpecError
+from ..export.folder import prepare_log_dir
 from ..graph import block_index
 from .data import Batches, Corpus, load_corpus
 
@@ -419,6 +420,24 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def read_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint's contents, read with ``torch.load(weights_only=True)``: tensors and plain Python data
+    only, so a crafted file runs no code. Raises OutputError for a damaged, truncated or foreign file."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError,
+            AttributeError, ImportError, KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise OutputError(f"{path} is damaged or not an effcompile checkpoint (it loads only tensors and plain "
+                          f"data: {reason}); start over with --force or resume from an intact checkpoint") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):
+        raise OutputError(f"{path} is not an effcompile checkpoint; start over with --force")
+    return state
+
+
 def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -480,7 +499,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write model, optimizer, scheduler, AGA, RNG and data position atomically; return the path."""
         path = self.checkpoint_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_log_dir(path.parent, resume=True)
         state = {"step": self.step, "position": self.position, "tokens": self.tokens,
                  "train_seconds": self.train_seconds, "model": self.module.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -496,7 +515,16 @@ class Trainer:
         path = self.checkpoint_path()
         if not path.exists():
             raise SpecError(f"--resume: {path} does not exist; run without --resume first")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(path, self.device)
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise OutputError(f"{path} does not match this run ({type(error).__name__}: {str(error)[:160]}); "
+                              "resume with the model and options that wrote it, or start over with --force") from None
+        self._trim_log()
+        return self.step
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         # The schedule follows the current config (a resumed run may train for more steps); only the
@@ -521,8 +549,6 @@ class Trainer:
         self.step, self.position, self.tokens = state["step"], state["position"], state["tokens"]
         self.train_seconds, self.validation = state["train_seconds"], list(state["validation"])
         self.target_reached = state["target_reached"]
-        self._trim_log()
-        return self.step
 
     def _trim_log(self) -> None:
         """Drop log lines of steps after the checkpoint (a crashed run may have logged past it)."""
@@ -603,7 +629,7 @@ class Trainer:
         config = self.config
         log_file = None
         if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+            prepare_log_dir(self.log_dir, resume=True)
             log_file = (self.log_dir / STEP_LOG).open("a")
         try:
             while self.step < config.steps and self.target_reached is None:
