@@ -90,7 +90,9 @@ def test_round_trip_is_exact_and_data_only(case, tmp_path):
 
 def test_loaded_module_compiles_with_torch_compile(tmp_path):
     result = effcompile.compile(example_gpt_spec(), passes=["remat"], measure=False, verify=False)
-    loaded = effcompile.load(result.save(str(tmp_path / "out")))
+    folder = result.save(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "module" / "structure.json").exists()
+    loaded = effcompile.load(folder)
     tokens = result.program.args[0]
     with torch.no_grad():
         want = loaded(tokens)
@@ -244,13 +246,15 @@ def test_input_keys_with_code_are_refused(exported, tmp_path):
 
 
 def test_exported_module_round_trips_its_keyword_inputs(exported):
+    codegen = json.loads((exported / "module" / "structure.json").read_text())["root"]["graph"]["codegen"]
+    assert codegen["kind"] == "pytree" and codegen["orig_args"] == ["x"]
     loaded = effcompile.load(str(exported))
     assert loaded(x=torch.randn(5, 4))["out"].shape == (5, 4)
 
 
 def _write_pickle_structure(folder: Path, marker: Path) -> None:
     module_dir = folder / "module"
-    (module_dir / "structure.json").unlink()
+    (module_dir / "structure.json").unlink(missing_ok=True)
     (module_dir / "structure.pt").write_bytes(pickle.dumps(Boom(str(marker))))
 
 
