@@ -19,12 +19,14 @@ JSON-like data nor declared transient, fails at save time and names the class to
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,12 @@ def import_pass_modules() -> list[str]:
     from .. import passes as package
 
     names = []
-    for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
-        importlib.import_module(info.name)
+    for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}.", onerror=lambda name: None):
+        try:
+            importlib.import_module(info.name)
+        except ImportError as error:  # an optional dependency (a GPU kernel library) is absent here
+            log.debug("not importing %s: %s", info.name, error)
+            continue
         names.append(info.name)
     return names
 

@@ -506,8 +506,13 @@ class Trainer:
                  "aga": self.aga.state_dict(), "rng": _rng_state(self.device), "validation": self.validation,
                  "target_reached": self.target_reached, "config": dataclasses.asdict(self.config)}
         temporary = path.with_suffix(".tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, path)
+        try:
+            torch.save(state, temporary)
+            os.replace(temporary, path)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            raise OutputError(f"could not write {path}: {error.strerror or error}; free space or pass another "
+                              "--out (the previous checkpoint is kept)") from None
         return path
 
     def load_checkpoint(self) -> int:

@@ -260,3 +260,17 @@ def test_resume_with_a_tampered_or_damaged_checkpoint_runs_nothing(tmp_path, cap
     assert code == 2 and "damaged" in err, err
     checkpoint.write_bytes(intact)
     assert run(["train", *_train(tmp_path, "--out", out, *options, "--resume", "--steps", "2")], capsys)[0] == 0
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_old_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run(["train", *_train(tmp_path, "--out", out)], capsys)[0] == 0
+    intact = (out / "checkpoint.pt").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    code, err = run(["train", *_train(tmp_path, "--out", out, "--resume", "--steps", "2")], capsys)
+    assert code == 2 and "No space left on device" in err and len(err.splitlines()) == 1, err
+    assert (out / "checkpoint.pt").read_bytes() == intact and not (out / "checkpoint.tmp").exists()
