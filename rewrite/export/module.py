@@ -84,8 +84,10 @@ def load_module(folder: str | Path, device: str | torch.device = "cpu") -> torch
         tensors = _load_tensors(folder, graphs.as_dict(document.get("tensors"), "tensors"), device)
         module = structure.decode_module(document.get("root"), tensors)
     except EffcompileError as error:
-        raise type(error)(f"{folder / STRUCTURE}: {error}" if STRUCTURE not in str(error) and WEIGHTS not in str(error)
-                          else str(error)) from None
+        message = str(error) if STRUCTURE in str(error) or WEIGHTS in str(error) else f"{folder / STRUCTURE}: {error}"
+        if "--force" not in message:
+            message += f"; {_RECREATE} from a model you trust"
+        raise type(error)(message) from None
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
             RuntimeError) as error:
         raise OutputError(f"{folder / STRUCTURE} is damaged ({type(error).__name__}: {str(error)[:160]}); "
