@@ -35,7 +35,11 @@ from . import registry
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OP_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)::([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?$")
 _REFUSED_OPS = frozenset({"aten::from_file"})
+# Tensor methods that take a Python callable (a hook or an element-wise function): never from a folder.
 _REFUSED_METHODS = frozenset({"register_hook", "register_post_accumulate_grad_hook", "apply_", "map_", "map2_"})
+# Higher-order operators capture emits; each runs a subgraph of the saved tree.
+_HIGHER_ORDER = frozenset({"wrap_with_set_grad_enabled", "wrap_with_autocast", "tag_activation_checkpoint",
+                           "auto_functionalized", "auto_functionalized_v2"})
 
 _OPERATOR = ("abs", "add", "and_", "concat", "contains", "delitem", "eq", "floordiv", "ge", "getitem", "gt",
              "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul", "index", "inv", "invert",
@@ -86,7 +90,7 @@ def _static_functions() -> dict[str, Any]:
     for prefix, namespace in namespaces:
         listed = {id(f) for f in overridable.get(namespace, ())}
         for name in dir(namespace):
-            if prefix == "torch.Tensor" and name.startswith("_"):
+            if prefix == "torch.Tensor" and (name.startswith("_") or name in _REFUSED_METHODS):
                 continue
             value = getattr(namespace, name, None)
             if value is not None and id(value) in listed:
@@ -120,8 +124,8 @@ def encode_target(target: Any) -> str:
         _check_op(target._qualified_op_name)
         return f"packet:{target._qualified_op_name}"
     if isinstance(target, torch._ops.HigherOrderOperator):
-        if getattr(torch.ops.higher_order, target.name(), None) is not target:
-            raise NotAllowed(f"higher-order operator {target.name()} is not in torch.ops.higher_order")
+        if target.name() not in _HIGHER_ORDER or getattr(torch.ops.higher_order, target.name(), None) is not target:
+            raise NotAllowed(f"higher-order operator {target.name()} is not on the allow-list")
         return f"hop:{target.name()}"
     name = _static_names().get(id(target))
     if name is not None:
@@ -155,7 +159,7 @@ def decode_target(stored: Any, where: str) -> Any:
     value: Any = None
     if kind in ("op", "packet"):
         value = _resolve_op(name, kind == "op")
-    elif kind == "hop" and IDENTIFIER.match(name):
+    elif kind == "hop" and name in _HIGHER_ORDER:
         candidate = getattr(torch.ops.higher_order, name, None)
         value = candidate if isinstance(candidate, torch._ops.HigherOrderOperator) else None
     elif kind == "fn":
@@ -210,7 +214,7 @@ def check_attribute_read(target_name: str, args: tuple, where: str) -> None:
     named by a literal (a graph could otherwise walk from any object to any function)."""
     if target_name in _ATTRIBUTE_READERS:
         name = args[1] if len(args) > 1 else None
-        if not isinstance(name, str) or not is_tensor_attribute(name):
+        if not isinstance(name, str) or not is_tensor_attribute(name) or name in _REFUSED_METHODS:
             raise UnsafeFolderError(f"{where} reads attribute {str(name)[:80]!r} with {target_name}; only public "
                                     "torch.Tensor attributes are allowed; nothing was run")
 

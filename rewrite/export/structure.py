@@ -94,7 +94,12 @@ def _encode_own(module: torch.nn.Module, path: str) -> dict[str, Any]:
     entry["training"] = bool(module.training)
     attributes = {}
     for name, value in module.__dict__.items():
-        if name in internals or name in transient or isinstance(value, torch.Tensor):
+        if name in internals or name in transient:
+            continue
+        if hasattr(type(module), name):
+            raise values.NotEncodable(f"{where}: attribute {name!r} shadows a class attribute (a folder may not "
+                                      "replace methods or class settings)")
+        if isinstance(value, torch.Tensor):
             continue
         try:
             attributes[name] = values.encode(value)
@@ -147,7 +152,7 @@ def decode_module(data: Any, tensors: dict[str, torch.Tensor]) -> torch.nn.Modul
         reserved = set(module.__dict__)
         module.training = bool(entry.get("training", True))
         for name, value in graphs.as_dict(entry.get("attributes", {}), at).items():
-            _check_attribute_name(name, reserved, at)
+            _check_attribute_name(name, reserved, module, at)
             module.__dict__[name] = values.decode(value, f"{at}.{name}")
         for name, factory in (registration.transient.items() if registration else ()):
             module.__dict__[name] = factory()
@@ -161,7 +166,7 @@ def decode_module(data: Any, tensors: dict[str, torch.Tensor]) -> torch.nn.Modul
         module._non_persistent_buffers_set = {n for n in graphs.as_list(entry.get("non_persistent", []), at)
                                               if n in module._buffers}
         for name, key in graphs.as_dict(entry.get("tensor_attributes", {}), at).items():
-            _check_attribute_name(name, reserved, at)
+            _check_attribute_name(name, reserved, module, at)
             module.__dict__[name] = tensor(key, f"{at}.{name}")
         for name, child in graphs.as_dict(entry.get("modules", {}), at).items():
             _check_member_name(name, reserved, at)
@@ -198,8 +203,11 @@ def _class_name(name: Any, at: str) -> str:
     return name
 
 
-def _check_attribute_name(name: str, reserved: set[str], at: str) -> None:
-    if not allowlist.IDENTIFIER.match(name) or name.startswith("__") or name in reserved:
+def _check_attribute_name(name: str, reserved: set[str], module: torch.nn.Module, at: str) -> None:
+    """An instance attribute may not be a dunder, an nn.Module internal, or shadow anything the class
+    defines (a method such as ``forward``, or ``_compiled_call_impl``, which ``__call__`` would call)."""
+    if not allowlist.IDENTIFIER.match(name) or name.startswith("__") or name in reserved or \
+            hasattr(type(module), name):
         raise UnsafeFolderError(f"{at}: attribute name {name[:60]!r} is not allowed; nothing was run")
 
 

@@ -190,6 +190,13 @@ TAMPERS = {
     "keyword with code": lambda d, m: _nodes(d, "call_module")[0].update(
         kwargs={f"a=__import__('os').system('{_marker_command(m)}')": 1}),
     "attribute named __class__": lambda d, m: d["root"]["modules"]["0"]["attributes"].update({"__class__": 1}),
+    "attribute replacing forward": lambda d, m: d["root"]["modules"]["0"]["attributes"].update(
+        forward={"$": "fn", "v": "fn:builtins.getattr"}),
+    "attribute replacing _compiled_call_impl": lambda d, m: d["root"]["modules"]["0"]["attributes"].update(
+        _compiled_call_impl={"$": "fn", "v": "effcompile:remat.call_module"}),
+    "getattr of register_hook": lambda d, m: _as_call(
+        _nodes(d, "call_module")[0], "fn:builtins.getattr",
+        [{"$": "node", "v": _nodes(d, "placeholder")[0]["name"]}, "register_hook"]),
     "class name with code": lambda d, m: d["root"].update(class_name="X(): pass\nimport os"),
 }
 
