@@ -66,6 +66,14 @@ def check_output_dir(out: str | Path, force: bool, kind: str = MODULE, protect: 
     absent unless it carries effcompile's marker of the same kind (then only with ``force``; a log folder
     is checked by ``claim_log_dir``), and not being written by another run. Returns the resolved path.
     Raises OutputError."""
+    try:
+        return _check_output_dir(out, force, kind, protect)
+    except OSError as error:  # e.g. a folder on the way that this user cannot read
+        raise OutputError(f"--out {out}: {error.strerror or error} ({error.filename}); pass a folder you can "
+                          "write") from None
+
+
+def _check_output_dir(out: str | Path, force: bool, kind: str, protect: Sequence[str | Path]) -> Path:
     path = _resolved(out)
     if path.exists() and not path.is_dir():
         raise OutputError(f"--out {out} is a file; pass a folder path")
