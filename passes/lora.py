@@ -13,18 +13,16 @@
 5. Optionally keep the frozen base weights in a lower precision (``base_dtype``), or ``merge`` the
    adapters into the base weights. ``merge_lora``/``unmerge_lora`` do the same on any module later.
 
-PEFT interop: ``lora_state_dict`` names the adapter weights as PEFT does
-(``base_model.model.<path>.lora_A.weight``); ``save_peft_adapter`` writes ``adapter_model.safetensors`` +
-``adapter_config.json`` that ``peft.PeftModel.from_pretrained`` loads; ``load_peft_adapter`` reads them back.
+PEFT interop lives in ``effcompile.export.peft`` (this pass writes no files): ``lora_state_dict`` names the
+adapter weights as PEFT does, ``save_peft_adapter`` / ``load_peft_adapter`` write and read adapter folders;
+``lora.adapter`` reads one here (``read_peft_adapter``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -32,7 +30,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from effcompile.analysis import parameter_count
-from effcompile.errors import OptionError, PassError
+from effcompile.errors import OptionError, PassError, SpecError
+from effcompile.export.peft import load_lora_state_dict, read_peft_adapter
 from effcompile.export.registry import serializable
 from effcompile.graph import finalize
 from effcompile.pass_manager import Pass, PassRecord, register
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "query", "key", "value",
                    "query_key_value", "qkv_proj", "Wqkv")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PEFT_PREFIX = "base_model.model."
 
 
 @serializable
@@ -230,9 +228,6 @@ class Lora(Pass):
             for parameter in gm.parameters():  # a merged model is a plain model again: train as before
                 parameter.requires_grad_(was_trainable.get(id(parameter), False))
         finalize(gm)
-        program.meta.setdefault("lora", {}).update(
-            {path: {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
-                    "rslora": config.rslora, "layout": m.layout} for path, m in adapters.items()})
         trainable_after = parameter_count(gm, trainable_only=True)
         total = parameter_count(gm)
         paths = sorted(adapters)
@@ -285,26 +280,20 @@ def _share_input_casts(gm: torch.fx.GraphModule) -> int:
 
 
 def _read_adapter(config: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Read a PEFT adapter folder: a config with its rank, alpha, targets, rslora and the weights."""
+    """The config with the rank, alpha, targets and rslora of the PEFT adapter folder ``config.adapter``,
+    and the adapter's weights."""
     import dataclasses
 
-    from safetensors.torch import load_file
-
-    folder = Path(config.adapter)
-    settings_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not settings_file.exists() or not weights_file.exists():
-        raise PassError(f"lora: adapter folder {folder} lacks adapter_config.json or adapter_model.safetensors; "
-                        "point lora.adapter at a folder written by save_peft_adapter or PEFT's save_pretrained")
-    settings = json.loads(settings_file.read_text())
-    if settings.get("peft_type", "LORA") != "LORA" or settings.get("rank_pattern") or settings.get("alpha_pattern"):
-        raise PassError(f"lora: {folder} is not a plain LoRA adapter (peft_type {settings.get('peft_type')}, "
-                        "or per-layer rank/alpha patterns); only uniform LoRA adapters load")
+    try:
+        settings, state = read_peft_adapter(config.adapter)
+    except SpecError as error:
+        raise PassError(f"lora: {error}") from None
     targets = settings.get("target_modules") or config.targets
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     config = dataclasses.replace(config, rank=int(settings.get("r", config.rank)),
                                  alpha=float(settings.get("lora_alpha", config.alpha)), targets=targets,
                                  rslora=bool(settings.get("use_rslora", config.rslora)))
-    return config, load_file(str(weights_file))
+    return config, state
 
 
 def _freeze(gm: torch.nn.Module, adapters: dict[str, LoraLinear], train_bias: str) -> None:
@@ -367,87 +356,3 @@ def unmerge_lora(module: torch.nn.Module) -> int:
             adapter.merged = False
             count += 1
     return count
-
-
-def _as_module(model: Any) -> torch.nn.Module:
-    for attribute in ("module", "gm"):  # CompileResult, Program
-        if not isinstance(model, torch.nn.Module) and hasattr(model, attribute):
-            model = getattr(model, attribute)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a module, CompileResult or Program, got {type(model).__name__}")
-    return model
-
-
-def lora_state_dict(model: Any, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
-    """The adapter weights (and trainable biases) under PEFT's saved names,
-    ``base_model.model.<path>.lora_A.weight`` etc. ``model``: a module, CompileResult or Program."""
-    module = _as_module(model)
-    state: dict[str, torch.Tensor] = {}
-    for path, adapter in lora_modules(module).items():
-        state[f"{prefix}{path}.lora_A.weight"] = adapter.lora_A.weight.detach()
-        state[f"{prefix}{path}.lora_B.weight"] = adapter.lora_B.weight.detach()
-        if adapter.bias is not None and adapter.bias.requires_grad:
-            state[f"{prefix}{path}.bias"] = adapter.bias.detach()
-    return state
-
-
-@torch.no_grad()
-def load_lora_state_dict(model: Any, state: dict[str, torch.Tensor], prefix: str = PEFT_PREFIX) -> int:
-    """Copy adapter weights named as ``lora_state_dict`` names them (PEFT's names; a ``.default`` adapter
-    segment is accepted too) into ``model``'s adapters. Returns how many tensors were copied; raises
-    KeyError naming an adapter the state lacks."""
-    module = _as_module(model)
-    normalised = {key.replace(".default.", ".").removeprefix(prefix): value for key, value in state.items()}
-    count = 0
-    for path, adapter in lora_modules(module).items():
-        for part in ("lora_A", "lora_B"):
-            key = f"{path}.{part}.weight"
-            if key not in normalised:
-                raise KeyError(f"no weights for {key} in the adapter state")
-            getattr(adapter, part).weight.copy_(normalised[key])
-            count += 1
-    return count
-
-
-def save_peft_adapter(model: Any, folder: str | Path, task_type: str | None = None,
-                      base_model_name_or_path: str | None = None) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's format into ``folder``
-    (created if needed), so ``peft.PeftModel.from_pretrained(base_model, folder)`` loads the adapters onto
-    the original Hugging Face model. Merged adapters are saved as they are (their B·A is also in the
-    base weights). Raises ValueError if ``model`` has no adapters. Returns the folder."""
-    from safetensors.torch import save_file
-
-    module = _as_module(model)
-    adapters = lora_modules(module)
-    if not adapters:
-        raise ValueError("the model has no LoRA adapters; run the lora pass first")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(module).items()}
-    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    ranks = {path: a.rank for path, a in adapters.items()}
-    alphas = {path: a.alpha for path, a in adapters.items()}
-    first = next(iter(adapters.values()))
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    trainable_bias = any(a.bias is not None and a.bias.requires_grad for a in adapters.values())
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, torch.nn.Dropout) else 0.0
-    config = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
-        "target_modules": sorted(adapters), "bias": "lora_only" if trainable_bias else "none",
-        "fan_in_fan_out": first.layout == "in_out", "use_rslora": first.rslora, "init_lora_weights": True,
-        "rank_pattern": {p: r for p, r in ranks.items() if r != rank},
-        "alpha_pattern": {p: a for p, a in alphas.items() if a != alpha},
-        "modules_to_save": None, "inference_mode": True,
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def load_peft_adapter(model: Any, folder: str | Path) -> int:
-    """Load ``adapter_model.safetensors`` from a PEFT adapter folder (ours or PEFT's) into ``model``'s
-    adapters, which must exist with the same paths and shapes. Returns the number of tensors copied."""
-    from safetensors.torch import load_file
-
-    return load_lora_state_dict(model, load_file(str(Path(folder) / "adapter_model.safetensors")))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from .errors import (
 )
 from .export.module import load_module, save_module
 from .pass_manager import PassManager
+from .plans import ExecutionPlan
 from .program import Program
 from .report import Report
 from .spec import ModelSpec, normalise_inputs
@@ -24,11 +25,25 @@ from .spec import ModelSpec, normalise_inputs
 @dataclass
 class CompileResult:
     """``module``: the trainable rewritten GraphModule (called like the original); ``program``: it with
-    its example inputs and loss; ``report``: the records (``report.to_json()``)."""
+    its example inputs and loss; ``report``: the records (``report.to_json()``). ``module`` is always the eager
+    module; ``runnable()`` is what to train when a pass (``auto``) decided it should run compiled."""
 
     module: torch.fx.GraphModule
     program: Program
     report: Report
+    _runnable: torch.nn.Module | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def execution(self) -> ExecutionPlan:
+        """How to run the module (``ExecutionPlan``): what a pass (``auto``) decided, else eager."""
+        return self.program.plan(ExecutionPlan) or ExecutionPlan()
+
+    def runnable(self) -> torch.nn.Module:
+        """The module to train: ``torch.compile(module)`` when the execution plan says so, else ``module``.
+        Built once (later calls return the same wrapper); it shares ``module``'s parameters."""
+        if self._runnable is None:
+            self._runnable = self.execution.runnable(self.module)
+        return self._runnable
 
     def save(self, folder: str, force: bool = False) -> str:
         """Write ``report.json`` and ``module/`` under ``folder`` atomically; returns the folder."""
@@ -62,6 +77,8 @@ def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, pass
     program = capture(spec, capture_path, dynamic_batch)
     result = PassManager(resolved, verify=verify, measure=measure, max_error=max_error).run(program)
     report = Report(model=_model_summary(result.program, program, result.analysis_before), records=result.records)
+    if (plan := result.program.plan(ExecutionPlan)) is not None:
+        report.execution = plan.to_dict()
     final = result.program
     del program, result
     gc.collect()  # the captured program (its own parameter copies) sits in GraphModule reference cycles

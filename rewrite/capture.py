@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
+import importlib.util
 import io
 import logging
+import pkgutil
 import traceback
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,6 @@ from .spec import ModelSpec
 log = logging.getLogger(__name__)
 
 CAPTURE_PATHS = ("auto", "symbolic_trace", "export")
-_PACKAGE_DIRS = (str(Path(__file__).resolve().parent) + "/", str(Path(__file__).resolve().parent.parent / "passes") + "/")
 
 
 def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, canonical: bool = True) -> Program:
@@ -173,11 +175,26 @@ def _assert_same(expected: Any, got: Any) -> None:
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
+@functools.cache
+def _package_dirs() -> tuple[str, ...]:
+    """effcompile's own source folders (the package's and each sub-package's, wherever the installation maps
+    them; as found and resolved), so that an error's location can skip them and name the user's line."""
+    import effcompile
+
+    folders = [Path(p) for p in effcompile.__path__]
+    for module in pkgutil.iter_modules(effcompile.__path__):
+        if module.ispkg:
+            spec = importlib.util.find_spec(f"{effcompile.__name__}.{module.name}")
+            if spec is not None:
+                folders.extend(Path(p) for p in spec.submodule_search_locations or [])
+    return tuple(sorted({str(f) + "/" for folder in folders for f in (folder, folder.resolve())}))
+
+
 def _where(error: BaseException) -> str:
     """One line: the exception and, where it came from user code, the file and line."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if not f.filename.startswith("<") and "site-packages/" not in f.filename
-              and not f.filename.startswith(_PACKAGE_DIRS)]
+              and not f.filename.startswith(_package_dirs())]
     location = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
     return f"{type(error).__name__}: {message[:160]}{location}"

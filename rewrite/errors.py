@@ -38,3 +38,11 @@ class OutputError(EffcompileError):
 class UnsafeFolderError(OutputError):
     """A folder to load names something effcompile does not load: a pickle, or a callable, module class or
     type outside the allow-list. Nothing from it was run."""
+
+
+class ExportError(EffcompileError):
+    """The program cannot be exported to ONNX or trained in ONNX Runtime as it stands."""
+
+
+class PipelineError(EffcompileError):
+    """A pipelined program cannot run as asked (world size, inputs the schedule cannot feed, no loss)."""

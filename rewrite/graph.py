@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx
@@ -62,12 +63,19 @@ def _clean_path(path: str) -> str:
     return ".".join(p for p in out if p)
 
 
-def get_attr_value(gm: torch.fx.GraphModule, target: str) -> torch.Tensor | torch.nn.Module:
-    """Resolve a dotted attribute path on ``gm`` (a parameter, buffer or submodule)."""
+_MISSING = object()
+
+
+def get_attr_value(gm: torch.nn.Module, target: str, default: Any = _MISSING) -> Any:
+    """Resolve a dotted attribute path on ``gm`` (a parameter, buffer, submodule or plain attribute): the
+    value a ``get_attr`` node with this target reads. Returns ``default`` where the path does not resolve
+    if one is given; raises AttributeError otherwise."""
     value: object = gm
     for part in target.split("."):
+        if default is not _MISSING and not hasattr(value, part):
+            return default
         value = getattr(value, part)
-    return value  # type: ignore[return-value]
+    return value
 
 
 def set_submodule(gm: torch.nn.Module, target: str, module: torch.nn.Module) -> None:

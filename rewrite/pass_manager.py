@@ -1,5 +1,5 @@
-"""The pass contract, the registry behind ``--passes``, ordering constraints, and the manager that runs
-passes in order, verifying each against its input."""
+"""The pass contract, the registry behind ``--passes``, and the manager that checks the order passes
+declare and runs them in it, verifying each against its input. The manager knows no pass by name."""
 
 from __future__ import annotations
 
@@ -21,14 +21,6 @@ from .program import Program
 from .verify import VerifyResult, compare
 
 log = logging.getLogger(__name__)
-
-# (earlier, later): when both are asked for, `earlier` must come first. Structural rewrites come before
-# precision, precision before memory planning (remat plans on the final graph), pipeline cuts last.
-ORDER_CONSTRAINTS: tuple[tuple[str, str], ...] = (
-    ("lora", "amp"), ("lowrank", "amp"), ("sas", "amp"),
-    ("lora", "remat"), ("lowrank", "remat"), ("sas", "remat"), ("amp", "remat"),
-)
-MUST_BE_LAST = ("pipeline",)
 
 
 @dataclass
@@ -76,6 +68,10 @@ class Pass:
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     exact: ClassVar[bool] = True
+    #: Passes that must run before this one when both are asked for (by name; absent ones are ignored).
+    after: ClassVar[tuple[str, ...]] = ()
+    #: True: this pass must be the last one (it reshapes the program for its consumer, e.g. into stages).
+    last: ClassVar[bool] = False
 
     @dataclass(frozen=True)
     class Config:
@@ -103,9 +99,12 @@ _REGISTRY: dict[str, type[Pass]] = {}
 
 
 def register(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make ``cls`` available to ``--passes`` under ``cls.name``."""
+    """Class decorator: make ``cls`` available to ``--passes`` under ``cls.name``. Raises TypeError for a
+    class without a name or whose ``after`` is not a tuple of pass names."""
     if not getattr(cls, "name", None):
         raise TypeError(f"{cls.__name__} has no name")
+    if not isinstance(cls.after, tuple) or not all(isinstance(n, str) for n in cls.after):
+        raise TypeError(f"{cls.__name__}.after must be a tuple of pass names, got {cls.after!r}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -146,29 +145,52 @@ def resolve_passes(names: Sequence[str], options: Mapping[str, Mapping[str, Any]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise OptionError(f"pass {duplicate!r} is listed twice in --passes; list it once")
-    position = {name: i for i, name in enumerate(names)}
-    for earlier, later in ORDER_CONSTRAINTS:
-        if earlier in position and later in position and position[earlier] > position[later]:
-            fixed = sorted(names, key=lambda n: (n in MUST_BE_LAST, _order_key(n, names)))
-            raise OptionError(f"pass {later!r} must run after {earlier!r}; reorder, e.g. --passes {','.join(fixed)}")
-    for name in MUST_BE_LAST:
-        if name in position and position[name] != len(names) - 1:
-            raise OptionError(f"pass {name!r} must be the last pass; move it to the end of --passes")
+    check_order([passes[name] for name in names])
     for name in options:
         if name not in passes and name != "verify":
             raise OptionError(f"options given for unknown pass {name!r}; available passes: {', '.join(passes)}")
-        if name in passes and name not in position:
+        if name in passes and name not in names:
             raise OptionError(f"options given for pass {name!r}, which is not in --passes; add it or drop the options")
     return [(passes[name](), build_config(name, passes[name].Config, options.get(name, {}))) for name in names]
 
 
-def _order_key(name: str, names: Sequence[str]) -> int:
-    rank = {n: 0 for n in names}
-    for _ in names:  # longest-path ranking over the constraint pairs
-        for earlier, later in ORDER_CONSTRAINTS:
-            if earlier in rank and later in rank:
-                rank[later] = max(rank[later], rank[earlier] + 1)
-    return rank[name]
+def check_order(classes: Sequence[type[Pass]]) -> None:
+    """Raise OptionError unless ``classes`` (in the order asked for) respect what each declares: every
+    pass named in its ``after`` that is present runs earlier, and a ``last`` pass runs last. The message
+    names the broken rule and suggests a valid order."""
+    names = [cls.name for cls in classes]
+    position = {name: i for i, name in enumerate(names)}
+    lasts = [cls.name for cls in classes if cls.last]
+    if len(lasts) > 1:
+        raise OptionError(f"passes {' and '.join(repr(n) for n in lasts)} each must be the last pass; "
+                          "run them in separate compilations")
+    for cls in classes:
+        for earlier in cls.after:
+            if earlier in position and position[earlier] > position[cls.name]:
+                raise OptionError(f"pass {cls.name!r} must run after {earlier!r}; reorder, e.g. "
+                                  f"--passes {','.join(valid_order(classes))}")
+    if lasts and position[lasts[0]] != len(names) - 1:
+        raise OptionError(f"pass {lasts[0]!r} must be the last pass; move it to the end of --passes")
+
+
+def valid_order(classes: Sequence[type[Pass]]) -> list[str]:
+    """The pass names in an order that respects every ``after`` and ``last`` declaration, as close to the
+    given order as possible (a stable topological sort). Raises OptionError when the declarations
+    contradict each other (a cycle: a bug in those passes)."""
+    names = [cls.name for cls in classes]
+    before = {cls.name: {n for n in cls.after if n in names and n != cls.name} for cls in classes}
+    for cls in classes:
+        if cls.last:
+            before[cls.name] |= {n for n in names if n != cls.name}
+    ordered: list[str] = []
+    while len(ordered) < len(names):
+        ready = next((n for n in names if n not in ordered and before[n] <= set(ordered)), None)
+        if ready is None:
+            stuck = [n for n in names if n not in ordered]
+            raise OptionError(f"passes {', '.join(stuck)} declare contradictory orders (each must run after "
+                              "another); this is a bug in those passes, report it")
+        ordered.append(ready)
+    return ordered
 
 
 @dataclass

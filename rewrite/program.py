@@ -6,13 +6,14 @@ import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
 LossFn = Callable[..., torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass
@@ -27,7 +28,9 @@ class Program:
             field, if any, is the objective).
         capture_path: ``"symbolic_trace"`` or ``"export"``.
         name: a human name for the model (file name or ``hf:<type>``).
-        meta: free-form metadata passes may add to (e.g. ``"sas.block_masks"``).
+        meta: free-form metadata (capture counts, the fallback reason).
+        plans: the state passes leave for later consumers, one typed object per kind, keyed by its type
+            (``program.plan(PipelinePlan)``); see ``plan`` / ``set_plan``.
     """
 
     gm: torch.fx.GraphModule
@@ -37,12 +40,24 @@ class Program:
     capture_path: str = "symbolic_trace"
     name: str = "model"
     meta: dict[str, Any] = field(default_factory=dict)
+    plans: dict[type, Any] = field(default_factory=dict)
+
+    def plan(self, kind: type[T]) -> T | None:
+        """The plan of type ``kind`` a pass left on this program, or None."""
+        return self.plans.get(kind)
+
+    def set_plan(self, plan: Any) -> None:
+        """Store ``plan`` under its type, replacing any plan of that type."""
+        self.plans[type(plan)] = plan
 
     def clone(self) -> Program:
-        """Return a deep copy whose GraphModule and parameters are independent of this one."""
-        gm = copy.deepcopy(self.gm)
+        """Return a deep copy whose GraphModule and parameters are independent of this one. The metadata
+        and plans are copied in the same deep copy, so a plan that refers to the program's modules (the
+        pipeline's stage GraphModules) refers to the clone's."""
+        memo: dict[int, Any] = {}
+        gm = copy.deepcopy(self.gm, memo)
         return Program(gm, self.args, dict(self.kwargs), self.loss_fn, self.capture_path, self.name,
-                       copy.deepcopy(self.meta))
+                       copy.deepcopy(self.meta, memo), copy.deepcopy(self.plans, memo))
 
     def run(self, module: torch.nn.Module | None = None) -> Any:
         """Call ``module`` (default: this program's GraphModule) on the example inputs."""
@@ -73,7 +88,7 @@ class Program:
         random projection of every floating-point output (deterministic, so two runs compare)."""
         if self.loss_fn is not None:
             return self.loss_fn(output, *self.args, **self.kwargs)
-        loss = _loss_field(output)
+        loss = loss_field(output)
         if loss is not None:
             return loss
         leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -91,10 +106,11 @@ class Program:
         if self.loss_fn is not None:
             return True
         with torch.no_grad():
-            return _loss_field(self.run()) is not None
+            return loss_field(self.run()) is not None
 
 
-def _loss_field(output: Any) -> torch.Tensor | None:
+def loss_field(output: Any) -> torch.Tensor | None:
+    """The model output's scalar ``loss`` (``output["loss"]`` or ``output.loss``), or None."""
     if isinstance(output, torch.Tensor):
         return None
     try:

@@ -12,15 +12,20 @@ from .pass_manager import PassRecord
 @dataclass
 class Report:
     """What happened to a model: ``model`` (name, capture path, parameters, nodes, bytes, FLOPs),
-    ``records`` (one per pass) and ``exports`` (artifacts written, by kind)."""
+    ``records`` (one per pass), ``exports`` (artifacts written, by kind) and ``execution`` (how to run the
+    module, ``ExecutionPlan.to_dict()``, when a pass decided it)."""
 
     model: dict[str, Any] = field(default_factory=dict)
     records: list[PassRecord] = field(default_factory=list)
     exports: dict[str, Any] = field(default_factory=dict)
+    execution: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {"model": self.model, "passes": [r.to_dict() for r in self.records], "exports": self.exports}
+        data = {"model": self.model, "passes": [r.to_dict() for r in self.records], "exports": self.exports}
+        if self.execution is not None:
+            data["execution"] = self.execution
+        return data
 
     def to_json(self) -> str:
         """The report as indented JSON text."""
@@ -82,6 +87,9 @@ def render(report: Report, console: Any) -> None:
                       _arrow(stats.get("flops_before"), stats.get("flops_after"), human_count),
                       check, f"{record.seconds:.2f}s")
     console.print(table)
+    for record in report.records:
+        if isinstance(record.details.get("candidates"), list):
+            render_candidates(record, console)
     for kind, where in report.exports.items():
         console.print(f"wrote {kind}: {where}")
 
@@ -90,3 +98,35 @@ def _arrow(before: Any, after: Any, fmt: Any) -> str:
     if before is None:
         return "-"
     return fmt(before) if before == after else f"{fmt(before)} → {fmt(after)}"
+
+
+def _seconds(value: Any) -> str:
+    return "-" if value is None else f"{value * 1e3:.4g} ms"
+
+
+def render_candidates(record: PassRecord, console: Any) -> None:
+    """Print the candidate table a searching pass (``auto``) left in ``details["candidates"]``: each stack,
+    how it runs, predicted and measured step time and memory, its status and why; then the notes and the
+    reason for the choice."""
+    from rich.table import Table
+
+    details = record.details
+    table = Table(title=f"{record.name}: candidates (memory limit {human_bytes(details.get('memory_limit_bytes'))}, "
+                        f"search {details.get('search_seconds', 0):.1f} s, of which compiling "
+                        f"{details.get('compile_seconds', 0):.1f} s; budget {details.get('budget_seconds', 0):g} s)")
+    for column in ("candidate", "predicted step", "predicted mem", "measured step (min–max)", "measured mem",
+                   "status", "why"):
+        table.add_column(column, overflow="fold")
+    for row in details["candidates"]:
+        measured = _seconds(row.get("measured_step_seconds"))
+        if row.get("measured_min_step_seconds") is not None:
+            measured += (f" ({_seconds(row['measured_min_step_seconds'])}–{_seconds(row['measured_max_step_seconds'])}, "
+                         f"{row.get('steps_timed')} steps)")
+        table.add_row(row.get("label", ""), _seconds(row.get("predicted_step_seconds")),
+                      human_bytes(row.get("predicted_memory_bytes")), measured,
+                      human_bytes(row.get("measured_memory_bytes")), row.get("status", ""), row.get("reason", ""))
+    console.print(table)
+    for note in details.get("notes", []):
+        console.print(f"  note: {note}", highlight=False)
+    if details.get("why"):
+        console.print(f"  chose {details.get('winner', {}).get('label', '')}: {details['why']}", highlight=False)

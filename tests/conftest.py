@@ -38,6 +38,16 @@ def example_gpt_spec() -> ModelSpec:
     return load_file_spec(ROOT / "examples" / "gpt.py")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: tiny models gain nothing from threads, and on a shared CPU
+    extra threads only contend (OpenMP spinning made a 2-thread step 70× slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def arch(request) -> str:
     """Each tiny architecture name in turn."""

@@ -1,14 +1,18 @@
-"""Benchmark the ``sas`` pass's block-sparse attention against dense attention, in the same run.
+"""Benchmark the ``sas`` pass: attention kernels, the long-context training step, and quality, each against
+dense attention measured in the same run.
 
-GPU (``--device cuda``): one attention forward+backward, bf16, batch 4, 16 heads, head dim 64, causal, at
-seq 4k/8k/16k and densities 100/50/25/12.5% of the causal tiles (a local window and an importance-style
-random mask), FlexAttention with our BlockMask (tiles of 128 and 256) against dense causal SDPA (flash);
-then one training step of a 12-layer GPT (d768, 12 heads) at seq 8k, dense against ``sas``.
-CPU (``--device cpu``): the block-gather kernel against SDPA with the same mask as a dense boolean mask
-(and dense causal SDPA for scale) at seq 2k, 25% density. ``--quick``: tiny shapes, runs anywhere.
+``--kernels`` (GPU): one attention forward+backward, bf16, B4 H16 D64, causal, at ``--seqs`` (8192): dense flash
+  against every candidate kernel for an importance-style arbitrary tile set at 25% (FlexAttention with several
+  kernel options, the ``flash`` kernel over gathered tiles with query groups of 1/2/4 blocks), the ``block``
+  pattern's chunked flash, and token-exact local+global through FlexAttention; each row also gives the time to
+  build its mask data. Every candidate is first checked against the token-masked reference at a small shape.
+``--long`` (GPU): one compiled training step at seq 32k of a Llama-style ~125M model (``bench_sas_models``).
+``--quality`` (GPU): validation loss at equal tokens at seq 8k on the bundled byte corpus.
+``--cpu``: the block-gather kernel against masked SDPA at seq 2k. ``--quick``: tiny shapes of every chosen
+  section, on CPU (a smoke test; with no section chosen, all of them).
 
-Prints one row per configuration as soon as it is measured; with ``OUT`` set, writes
-``$OUT/bench_sas.json``. A failing configuration prints its error and the run goes on.
+Prints one row per configuration as soon as it is measured; with ``OUT`` set, writes ``$OUT/bench_sas.json``.
+A failing configuration prints its error and the run goes on.
 """
 
 from __future__ import annotations
@@ -27,22 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from effcompile.passes.sas.kernels import (  # noqa: E402
-    build_block_mask,
-    chunked_attention,
-    flex_sparse_attention,
-    gather_attention,
-    reference_attention,
-)
-from effcompile.passes.sas.patterns import fixed_pattern, select_important_tiles, tile_density  # noqa: E402
+from bench_sas_models import ROW_KEYS, global_window, long_step, quality, timed_steps  # noqa: E402
+
+from effcompile.passes.sas.importance import select_important_tiles  # noqa: E402
+from effcompile.passes.sas.kernels import reference_attention  # noqa: E402
+from effcompile.passes.sas.module import SparseAttention  # noqa: E402
+from effcompile.passes.sas.patterns import HeadPattern, TokenMask, head_pattern  # noqa: E402
 
 ROWS: list[dict[str, Any]] = []
 STARTED = time.perf_counter()
+# FlexAttention kernel options tried on the importance mask (each is one more compilation).
+FLEX_VARIANTS: dict[str, dict[str, Any] | None] = {
+    "flex": None,  # the module's default (ROWS_GUARANTEED_SAFE for self-attention)
+    "flex plain": {},
+    "flex fwd 128x128 w8": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "ROWS_GUARANTEED_SAFE": True},
+    "flex bwd 64x128/128x64 w8": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
+                                  "bwd_num_warps": 8, "ROWS_GUARANTEED_SAFE": True},
+    "flex prescale": {"PRESCALE_QK": True, "ROWS_GUARANTEED_SAFE": True},
+    "flex tma": {"USE_TMA": True, "ROWS_GUARANTEED_SAFE": True},
+}
 
 
 def emit(row: dict[str, Any]) -> None:
@@ -52,52 +64,9 @@ def emit(row: dict[str, Any]) -> None:
     print(" | ".join(cells), flush=True)
 
 
-def timed(function: Callable[[], Any], device: str, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``function()`` over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        function()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            function()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(iters):
-        start_time = time.perf_counter()
-        function()
-        times.append((time.perf_counter() - start_time) * 1000)
-    return statistics.median(times)
-
-
-def local_tiles(blocks: int, density: float, block_size: int) -> torch.Tensor:
-    """A causal local-window tile mask ``[1, blocks, blocks]`` whose density is closest to ``density``."""
-    best = None
-    for window in range(1, blocks + 1):
-        tiles = fixed_pattern("local", blocks, blocks, block_size, True, window=window * block_size,
-                              block=block_size, stride=block_size, n_global=0)[None]
-        gap = abs(tile_density(tiles, True) - density)
-        if best is None or gap < best[0]:
-            best = (gap, tiles)
-    assert best is not None
-    return best[1]
-
-
-def local_window(blocks: int, density: float, block_size: int) -> int:
-    """The local window (tokens) whose causal tile density is closest to ``density``."""
-    tiles = local_tiles(blocks, density, block_size)
-    return int(tiles[0, -1].sum()) * block_size
-
-
-def random_tiles(heads: int, blocks: int, density: float, seed: int = 0) -> torch.Tensor:
-    """An importance-style mask: per head, the diagonal plus random causal tiles, exactly ``density``."""
-    scores = torch.rand(heads, blocks, blocks, generator=torch.Generator().manual_seed(seed))
-    return select_important_tiles(scores, True, density)
+def timed(function: Callable[[], Any], device: str, warmup: int, iters: int) -> list[float]:
+    """Milliseconds of ``function()`` over ``iters`` runs after ``warmup`` runs."""
+    return timed_steps(function, device, warmup, iters)
 
 
 def fwd_bwd(attention: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -109,274 +78,251 @@ def fwd_bwd(attention: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
     return step
 
 
-def over_budget(budget_s: float) -> bool:
-    """Whether the run has used its time budget (the remaining rows are then skipped)."""
-    return time.perf_counter() - STARTED > budget_s
+def candidates(seq: int, heads: int, block_size: int) -> list[tuple[str, str, Callable[[], SparseAttention]]]:
+    """(kernel, mask, module factory) of every candidate at ``seq`` tokens, most telling first: the block
+    pattern (chunked flash), the importance-style tile set at 25% (random scores; query groups of 1/2/4
+    blocks) through FlexAttention and the flash kernel, token-exact local+global, then FlexAttention's kernel
+    options (riskiest last: a kernel that faults the device ends the run)."""
+    blocks = math.ceil(seq / block_size)
+    scores = torch.rand(heads, blocks, blocks, generator=torch.Generator().manual_seed(0))
+    importance = HeadPattern("importance", tiles=True)
+
+    def make(backend: str, group: int, options: dict | None = None) -> SparseAttention:
+        return SparseAttention(block_size, True, None, backend=backend, tile_mask=tiles[group],
+                               head_patterns=(importance,), kernel_options=options)
+    tiles = {group: select_important_tiles(scores, True, 0.25, group) for group in (1, 2, 4)}
+    window = global_window(seq, 0.25, block_size, block_size)
+    rows: list[tuple[str, str, Callable[[], SparseAttention]]] = [
+        ("chunked", "block 25%", lambda: SparseAttention(
+            block_size, True, None, backend="chunked", head_patterns=(head_pattern("block", block=seq // 4),))),
+        ("flex", "importance 25% group 1", functools.partial(make, "flex", 1)),
+    ]
+    for group in (1, 2, 4):
+        rows.append(("flash", f"importance 25% group {group}", functools.partial(make, "flash", group)))
+    for group in (2, 4):
+        rows.append(("flex", f"importance 25% group {group}", functools.partial(make, "flex", group)))
+    rows.append(("flex", f"local+global 25% (window {window}, {block_size} global)", lambda: SparseAttention(
+        block_size, True, None, backend="flex",
+        head_patterns=(head_pattern("global", window=window, n_global=block_size),))))
+    rows += [(name, "importance 25% group 1", functools.partial(make, "flex", 1, options))
+             for name, options in FLEX_VARIANTS.items() if name != "flex"]
+    return rows
 
 
-def bench_gpu_attention(args: argparse.Namespace, seqs: list[int], variants: bool, budget_s: float) -> None:
-    """Flex block-sparse vs dense flash SDPA, forward+backward, bf16, at ``seqs``; with ``variants`` also
-    flex kernel-option variants at 8k."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def check_candidates(device: str, emit_rows: bool = True) -> None:
+    """Each candidate against the token-masked reference at a small shape (float32 on CPU, bf16 on CUDA;
+    gradients too where the kernel has a backward there)."""
+    seq, heads, block_size = (256, 2, 32) if device == "cpu" else (1024, 4, 128)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tolerance = 1e-4 if device == "cpu" else 3e-2
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, heads, seq, 64, generator=generator).to(device, dtype).requires_grad_() for _ in range(3))
+    for kernel, mask_name, factory in candidates(seq, heads, block_size):
+        try:
+            module = factory().to(device)
+            backward = device == "cuda" or not kernel.startswith("flex")  # FlexAttention has no CPU backward
+            inputs = (q, k, v) if backward else (q.detach(), k.detach(), v.detach())
+            out = module(*inputs)
+            expected = reference_attention(q.float(), k.float(), v.float(), module.mask, 1 / 8)
+            error = float((out.float() - expected).abs().max().detach())
+            grad_error = None
+            if backward:
+                got = torch.autograd.grad(out.float().sum(), (q, k, v))
+                want = torch.autograd.grad(expected.sum(), (q, k, v))
+                grad_error = max(float((g.float() - w.float()).abs().max()) for g, w in zip(got, want))
+            ok = error < tolerance and (grad_error is None or grad_error < 10 * tolerance)
+            if emit_rows or not ok:
+                emit({"section": "check", "kernel": kernel, "mask": mask_name, "device": device, "seq": seq,
+                      "max_err": error, "grad_max_err": grad_error, "ok": ok})
+        except Exception as error:
+            emit({"section": "check", "kernel": kernel, "mask": mask_name, "ok": False,
+                  "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
 
-    device, dtype = "cuda", torch.bfloat16
+
+def bench_kernels(args: argparse.Namespace, device: str) -> None:
+    """Every candidate kernel against dense flash SDPA, forward+backward, bf16 (float32 on CPU with --quick);
+    each row first checks the candidate against the float32 gather kernel at the same shape (``ok``)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batch, heads, head_dim = (1, 2, 64) if args.quick else (4, 16, 64)
-    seqs = [256] if args.quick else seqs
-    densities = [1.0, 0.25] if args.quick else [1.0, 0.5, 0.25, 0.125]
-    # Most informative first (8k, 25%), so a cut-short run still answers the goal.
-    plan: list[tuple[int, int, str, float, dict | None]] = []
-    for seq in seqs:
-        for density in densities:
-            if density < 1.0:
-                plan.append((seq, 128 if not args.quick else 64, "block", density, None))
-        for block_size in ((128,) if args.quick else (128, 256)):
-            for pattern in ("local", "random"):
-                for density in densities:
-                    if block_size == 256 and density in (1.0, 0.5):
-                        continue
-                    plan.append((seq, block_size, pattern, density, None))
-    if variants and not args.quick:
-        plan.append((8192, 128, "random", 0.25, {"BLOCK_M": 128, "BLOCK_N": 128}))
-        plan.append((8192, 256, "random", 0.25, {"BLOCK_M": 128, "BLOCK_N": 128}))
-    # Kernel-option variants last: each is one more compilation.
-    plan.sort(key=lambda p: (p[0] != 8192, p[4] is not None, p[3] != 0.25, p[0], p[1], p[2], -p[3]))
-    dense_ms: dict[int, float] = {}
-    for seq, block_size, pattern, density, kernel_options in plan:
-        if over_budget(budget_s):
-            emit({"section": "attention", "seq": seq, "tile": block_size, "pattern": pattern, "density": density,
-                  "skipped": "time budget"})
-            continue
+    block_size = 32 if args.quick else 128
+    for seq in ([256] if args.quick else args.seqs):
         torch.manual_seed(0)
         q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         grad = torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype)
-        try:
-            if seq not in dense_ms:
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    dense_ms[seq] = timed(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(
-                        a, b, c, is_causal=True), q, k, v, grad), device, 3, args.iters)
-                emit({"section": "attention", "kernel": "dense causal SDPA (flash)", "seq": seq, "ms": dense_ms[seq]})
-            blocks = math.ceil(seq / block_size)
-            if pattern == "block":  # block-diagonal: the chunked kernel (dense flash SDPA over chunks)
-                chunk = int(seq * density)
-                tiles = fixed_pattern("block", blocks, blocks, block_size, True, window=block_size, block=chunk,
-                                      stride=block_size, n_global=0)[None]
-                chunked = functools.partial(chunked_attention, chunk=chunk, causal=True, scale=1 / math.sqrt(head_dim))
-                ms = timed(fwd_bwd(chunked, q, k, v, grad), device, 3, args.iters)
-                emit({"section": "attention", "kernel": "sas chunked (flash)", "seq": seq, "tile": block_size,
-                      "pattern": f"block {chunk}", "density": round(tile_density(tiles, True), 4), "ms": ms,
-                      "dense_ms": dense_ms[seq], "speedup": dense_ms[seq] / ms})
+        dense = timed(fwd_bwd(_dense_flash(device), q, k, v, grad), device, 3, args.iters)
+        dense_ms = statistics.median(dense)
+        emit({"section": "kernels", "kernel": "dense causal SDPA (flash)", "seq": seq, "ms": dense_ms,
+              "ms_min": min(dense), "ms_max": max(dense)})
+        for kernel, mask_name, factory in candidates(seq, heads, block_size):
+            if args.over_budget():
+                emit({"section": "kernels", "kernel": kernel, "mask": mask_name, "seq": seq, "skipped": "time budget"})
                 continue
-            tiles = local_tiles(blocks, density, block_size) if pattern == "local" else \
-                random_tiles(heads, blocks, density)
-            tiles = tiles.expand(heads, blocks, blocks).contiguous().to(device)
-            block_mask = build_block_mask(tiles, block_size, True, seq, seq)
-            scale = 1.0 / math.sqrt(head_dim)
-            sparse = functools.partial(flex_sparse_attention, block_mask=block_mask, scale=scale,
-                                       kernel_options=kernel_options)
-            ms = timed(fwd_bwd(sparse, q, k, v, grad), device, 3, args.iters)
-            emit({"section": "attention", "kernel": "sas flex", "seq": seq, "tile": block_size, "pattern": pattern,
-                  "density": round(tile_density(tiles.cpu(), True), 4), "kernel_options": str(kernel_options or ""),
-                  "ms": ms, "dense_ms": dense_ms[seq], "speedup": dense_ms[seq] / ms})
-        except Exception as error:  # one configuration failing must not stop the others
-            emit({"section": "attention", "seq": seq, "tile": block_size, "pattern": pattern, "density": density,
-                  "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"})
-            traceback.print_exc(limit=2)
-        finally:
-            del q, k, v, grad
-            torch.cuda.empty_cache()
+            if device == "cpu" and kernel.startswith("flex"):
+                continue  # FlexAttention has no CPU backward
+            try:
+                module = factory().to(device)
+                errors = _errors_vs_gather(module, q, k, v, grad)
+                times = timed(fwd_bwd(module, q, k, v, grad), device, 3, args.iters)
+                build_ms = sum(module.cache.build_ms.values())
+                stats = module.mask.stats(seq, seq)
+                ms = statistics.median(times)
+                emit({"section": "kernels", "kernel": kernel, "mask": mask_name, "seq": seq,
+                      "tile_density": round(stats.tile_density, 4), "token_density": round(stats.token_density, 4),
+                      "ms": ms, "ms_min": min(times), "ms_max": max(times), "dense_ms": dense_ms,
+                      "speedup": dense_ms / ms, "mask_build_ms": build_ms, **errors})
+            except Exception as error:  # one configuration failing must not stop the others
+                emit({"section": "kernels", "kernel": kernel, "mask": mask_name, "seq": seq,
+                      "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
+                traceback.print_exc(limit=2)
+            finally:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        if device == "cuda" and not args.over_budget():
+            _create_block_mask_reference(seq, heads, block_size, dense_ms)
 
 
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+def _errors_vs_gather(module: SparseAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      grad: torch.Tensor) -> dict[str, Any]:
+    """Output and gradient errors of ``module`` against the float32 block-gather kernel on the same mask and
+    inputs (the gather kernel equals the token-masked reference in the tests), relative to the reference's
+    largest value; ``ok`` within bf16 tolerances."""
+    reference = SparseAttention(module.block_size, module.causal, None, backend="gather", tile_mask=module.tile_mask,
+                                head_patterns=module.head_patterns)
+    inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = reference(*inputs)
+    expected.backward(grad.float())
+    got_inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    got = module(*got_inputs)
+    got.backward(grad)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, width = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).split(width, dim=2)
-        q, k, v = (t.view(batch, seq, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v))
-        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attention.transpose(1, 2).reshape(batch, seq, width))
-        return x + self.out(F.gelu(self.fc(self.ln_2(x))))
-
-
-class BenchGPT(nn.Module):
-    """A GPT-2-small-shaped model (pre-LN, SDPA causal attention) that symbolic tracing follows."""
-
-    def __init__(self, layers: int, width: int, heads: int, vocab: int, context: int) -> None:
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(context, width)
-        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
-        self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.ones_like(idx[0]).cumsum(0) - 1
-        x = self.wte(idx) + self.wpe(positions)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_f(x))
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b).abs().max() / b.abs().max().clamp(min=1e-6))
+    out_error = relative(got, expected.detach())
+    grad_error = max(relative(g.grad, e.grad) for g, e in zip(got_inputs, inputs))
+    del reference, expected, got
+    return {"out_rel_err": out_error, "grad_rel_err": grad_error, "ok": out_error < 2e-2 and grad_error < 5e-2}
 
 
-def _train_step(module: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[..., torch.Tensor],
-                idx: torch.Tensor, device: str) -> None:
-    with torch.autocast(device, dtype=torch.bfloat16):
-        loss = loss_fn(module(idx), idx)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+def _dense_flash(device: str) -> Callable[..., torch.Tensor]:
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if device != "cuda":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attention
 
 
-def bench_end_to_end(args: argparse.Namespace, device: str, budget_s: float) -> None:
-    """One training step (forward, backward, AdamW) under bf16 autocast: dense model vs ``sas``."""
-    import effcompile
+def _create_block_mask_reference(seq: int, heads: int, block_size: int, dense_ms: float) -> None:
+    """What FlexAttention users pay to build the same local+global mask with ``create_block_mask`` (per call)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    layers, width, heads, vocab, seq, batch = (2, 64, 2, 128, 256, 2) if args.quick else (12, 768, 12, 50304, 8192, 1)
-    block_size = 64 if args.quick else 128
-    torch.manual_seed(0)
-    model = BenchGPT(layers, width, heads, vocab, seq).to(device)
-    idx = torch.randint(0, vocab, (batch, seq), device=device)
+    window = global_window(seq, 0.25, block_size, block_size)
+    mask = TokenMask((head_pattern("global", window=window, n_global=block_size),), True, block_size)
+    allowed = mask.predicate("cuda")
 
-    def loss_fn(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
-
-    results: dict[str, float] = {}
-    block_options = {"pattern": "block", "block_size": block_size, "block": seq // 4, "backend": "auto"}
-    configs: list[tuple[str, dict[str, Any] | None, bool]] = [
-        ("dense", None, False),
-        ("sas block 25%", block_options, False),
-        ("sas local 25%", {"pattern": "local", "block_size": block_size, "backend": "auto",
-                           "window": local_window(math.ceil(seq / block_size), 0.25, block_size)}, False),
-    ]
-    if args.compile_e2e:  # torch.compile removes eager's launch overhead and fuses what is not attention
-        configs += [("dense compiled", None, True), ("sas block 25% compiled", block_options, True)]
-    for name, options, compiled in configs:
-        if over_budget(budget_s):
-            emit({"section": "end-to-end", "config": name, "skipped": "time budget"})
-            continue
-        try:
-            if options is None:
-                module: nn.Module = model
-            else:
-                result = effcompile.compile(model, (idx,), passes=["sas"], options={"sas": options},
-                                            loss_fn=loss_fn, verify=False, measure=False)
-                module = result.module
-                density = result.report.records[0].stats.get("density")
-            optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device == "cuda")
-            runner = torch.compile(module) if compiled else module
-            step = functools.partial(_train_step, runner, optimizer, loss_fn, idx, device)
-            results[name] = timed(step, device, (2 if args.quick else 3) + (2 if compiled else 0),
-                                  3 if args.quick else 5)
-            if args.profile:
-                profile_step(step, device, name)
-            row: dict[str, Any] = {"section": "end-to-end", "config": name, "layers": layers, "width": width,
-                                   "seq": seq, "batch": batch, "ms_per_step": results[name]}
-            reference = "dense compiled" if compiled else "dense"
-            if options is not None:
-                row.update(density=density, speedup=results[reference] / results[name] if reference in results
-                           else None)
-            emit(row)
-        except Exception as error:
-            emit({"section": "end-to-end", "config": name,
-                  "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"})
-            traceback.print_exc(limit=3)
-
-
-def profile_step(step: Callable[[], None], device: str, name: str, rows: int = 15) -> None:
-    """Print where one training step spends its device time (torch.profiler, top ``rows`` ops)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    print(f"--- profile: {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60),
-          flush=True)
+    def mask_mod(b: Any, h: Any, q: Any, k: Any) -> Any:
+        return allowed(0, q, k)
+    times = timed(lambda: create_block_mask(mask_mod, None, None, seq, seq, device="cuda", BLOCK_SIZE=block_size),
+                  "cuda", 1, 5)
+    emit({"section": "kernels", "kernel": "create_block_mask (FlexAttention's own, per call)",
+          "mask": "local+global 25%", "seq": seq, "ms": statistics.median(times), "dense_ms": dense_ms})
 
 
 def bench_cpu(args: argparse.Namespace) -> None:
-    """Block-gather vs masked SDPA (same tiles as a dense boolean mask) at seq 2k, 25% density, fwd+bwd."""
+    """Block-gather vs masked SDPA (the same token mask dense) at seq 2k, 25% density, forward+backward."""
     batch, heads, head_dim, seq, block_size = (1, 2, 32, 256, 32) if args.quick else (1, 8, 64, 2048, 128)
     torch.manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq, head_dim, requires_grad=True) for _ in range(3))
     grad = torch.randn(batch, heads, seq, head_dim)
-    blocks = seq // block_size
-    scale = 1.0 / math.sqrt(head_dim)
-    iters = 2 if args.quick else 3
-    dense = timed(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v, grad),
-                  "cpu", 1, iters)
+    iters = 2 if args.quick else 5
+    dense = statistics.median(timed(fwd_bwd(_dense_flash("cpu"), q, k, v, grad), "cpu", 1, iters))
     emit({"section": "cpu", "kernel": "dense causal SDPA", "seq": seq, "ms": dense})
-    for pattern in ("random", "local"):
-        tiles = random_tiles(heads, blocks, 0.25) if pattern == "random" else local_tiles(blocks, 0.25, block_size)
-        density = tile_density(tiles, True)
-        kernel_args = dict(tile_mask=tiles, block_size=block_size, causal=True, scale=scale)
-        masked = timed(fwd_bwd(functools.partial(reference_attention, **kernel_args), q, k, v, grad), "cpu", 1, iters)
-        gathered = timed(fwd_bwd(functools.partial(gather_attention, **kernel_args), q, k, v, grad), "cpu", 1, iters)
-        emit({"section": "cpu", "kernel": "sas gather", "pattern": pattern, "seq": seq, "tile": block_size,
-              "density": round(density, 4), "ms": gathered, "masked_sdpa_ms": masked,
-              "speedup_vs_masked_sdpa": masked / gathered, "speedup_vs_dense_causal": dense / gathered})
-    chunk = seq // 4
-    tiles = fixed_pattern("block", blocks, blocks, block_size, True, window=block_size, block=chunk,
-                          stride=block_size, n_global=0)[None]
-    kernel_args = dict(tile_mask=tiles, block_size=block_size, causal=True, scale=scale)
-    masked = timed(fwd_bwd(functools.partial(reference_attention, **kernel_args), q, k, v, grad), "cpu", 1, iters)
-    chunked = timed(fwd_bwd(functools.partial(chunked_attention, chunk=chunk, causal=True, scale=scale), q, k, v, grad),
-                    "cpu", 1, iters)
-    emit({"section": "cpu", "kernel": "sas chunked", "pattern": f"block {chunk}", "seq": seq, "tile": block_size,
-          "density": round(tile_density(tiles, True), 4), "ms": chunked, "masked_sdpa_ms": masked,
-          "speedup_vs_masked_sdpa": masked / chunked, "speedup_vs_dense_causal": dense / chunked})
+    for kernel, mask_name, factory in candidates(seq, heads, block_size):
+        if kernel not in ("flash", "chunked") and not mask_name.startswith("local"):
+            continue
+        module = factory()
+        if kernel == "flex":
+            module = SparseAttention(block_size, True, None, backend="gather", head_patterns=module.head_patterns)
+            kernel = "gather"
+        masked = statistics.median(timed(fwd_bwd(lambda a, b, c, m=module: reference_attention(
+            a, b, c, m.mask, 1 / math.sqrt(head_dim)), q, k, v, grad), "cpu", 1, iters))
+        ms = statistics.median(timed(fwd_bwd(module, q, k, v, grad), "cpu", 1, iters))
+        emit({"section": "cpu", "kernel": f"sas {kernel}", "mask": mask_name, "seq": seq, "ms": ms,
+              "masked_sdpa_ms": masked, "speedup_vs_masked_sdpa": masked / ms, "speedup_vs_dense_causal": dense / ms})
 
 
 def main() -> None:
-    """Parse arguments, run the sections for the device, write the JSON."""
+    """Parse arguments, run the chosen sections, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
-    parser.add_argument("--cpu", action="store_true", help="run the CPU section (same as --device cpu)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test that runs on CPU)")
-    parser.add_argument("--seqs", default="4096,8192,16384", help="GPU sequence lengths, comma-separated")
-    parser.add_argument("--iters", type=int, default=10, help="timed iterations per GPU configuration")
-    parser.add_argument("--budget-s", type=float, default=180.0,
-                        help="start no new configuration after this many seconds (keeps the run under 4 minutes)")
-    parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end training step")
-    parser.add_argument("--e2e-only", action="store_true", help="GPU: only the end-to-end training step")
-    parser.add_argument("--profile", action="store_true", help="print a profile of each end-to-end step")
-    parser.add_argument("--compile-e2e", action="store_true", help="also the end-to-end step under torch.compile")
+    parser.add_argument("--kernels", action="store_true", help="GPU: every attention-kernel candidate vs dense flash")
+    parser.add_argument("--long", action="store_true", help="GPU: the 32k compiled training step, dense vs sas")
+    parser.add_argument("--quality", action="store_true", help="GPU: validation loss at equal tokens at seq 8k")
+    parser.add_argument("--cpu", action="store_true", help="the CPU section (block-gather vs masked SDPA)")
+    parser.add_argument("--check", action="store_true", help="only check every kernel candidate against the "
+                                                             "reference (exit 1 if one is off)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU (a smoke test)")
+    parser.add_argument("--seqs", default="8192", help="--kernels sequence lengths, comma-separated")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per kernel configuration")
+    parser.add_argument("--long-seq", type=int, default=32768, help="--long sequence length")
+    parser.add_argument("--steps-timed", type=int, default=10, help="--long timed steps per configuration (≥ 10)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="--long: eager instead of compiled")
+    parser.add_argument("--rows", default="dense,global,importance",
+                        help="--long/--quality rows, comma-separated from dense, global (local+global), importance, "
+                             "flash (importance by groups of 4 query blocks on the flash kernel)")
+    parser.add_argument("--quality-seq", type=int, default=8192)
+    parser.add_argument("--quality-batch", type=int, default=4)
+    parser.add_argument("--quality-steps", type=int, default=300)
+    parser.add_argument("--quality-lr", type=float, default=2e-3)
+    parser.add_argument("--budget-s", type=float, default=540.0, help="start no new configuration after this long")
     args = parser.parse_args()
     args.seqs = [int(s) for s in args.seqs.split(",") if s]
-    device = "cpu" if args.cpu else args.device
+    args.rows = tuple(r for r in args.rows.split(",") if r)
+    unknown = set(args.rows) - set(ROW_KEYS)
+    if unknown:
+        raise SystemExit(f"bench_sas: --rows {sorted(unknown)[0]!r} is unknown; use {', '.join(ROW_KEYS)}")
+    args.over_budget = lambda: time.perf_counter() - STARTED > args.budget_s
+    device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    sections = [s for s in ("kernels", "long", "quality", "cpu") if getattr(args, s)]
+    if not sections:
+        sections = ["kernels", "long", "quality", "cpu"] if args.quick else (["kernels"] if device == "cuda" else ["cpu"])
+    if device == "cpu" and not args.quick and set(sections) - {"cpu"}:
+        raise SystemExit(f"bench_sas: --{'/--'.join(sorted(set(sections) - {'cpu'}))} need CUDA; add --quick for "
+                         "the CPU smoke run")
+    if args.check:
+        sections = []
     torch.backends.cuda.matmul.allow_tf32 = True
-    # Every (sequence, tile size, kernel options) is a recompilation of flex_attention: allow them all
-    # (past the default limit torch.compile silently falls back to eager, which materialises S² scores).
+    # Every (sequence, mask, kernel option) is a recompilation of flex_attention: allow them all (past the
+    # default limit torch.compile silently falls back to eager, which materialises S² scores).
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.accumulated_cache_size_limit = 512
-    print(f"bench_sas: device={device} torch={torch.__version__} quick={args.quick}", flush=True)
+    print(f"bench_sas: device={device} torch={torch.__version__} sections={','.join(sections)} quick={args.quick}",
+          flush=True)
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("bench_sas: --device cuda but CUDA is not available")
         print(f"gpu: {torch.cuda.get_device_name()}", flush=True)
-        # 8k first (the goal's length), then the end-to-end step, then the other lengths while time remains.
-        first = [s for s in args.seqs if s == 8192] or args.seqs[:1]
-        if not args.e2e_only:
-            bench_gpu_attention(args, first, variants=True, budget_s=0.5 * args.budget_s)
-        if not args.skip_e2e:
-            bench_end_to_end(args, device, budget_s=0.75 * args.budget_s)
-        if not args.e2e_only:
-            bench_gpu_attention(args, [s for s in args.seqs if s not in first], variants=False, budget_s=args.budget_s)
-    else:
-        bench_cpu(args)
-        if not args.skip_e2e and args.quick:
-            bench_end_to_end(args, device, budget_s=args.budget_s)
+    if args.check:
+        check_candidates(device)
+    for section in sections:
+        if section == "kernels":
+            bench_kernels(args, device)
+        elif section == "long":
+            long_step(args, device, emit)
+        elif section == "quality":
+            quality(args, device, emit)
+        else:
+            bench_cpu(args)
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "bench_sas.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": ROWS}, indent=1))
+        path.write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": ROWS}, indent=1, default=str))
         print(f"wrote {path}", flush=True)
     print(f"total {time.perf_counter() - STARTED:.1f} s", flush=True)
+    failed = [r for r in ROWS if r.get("section") in ("check", "kernels") and r.get("ok") is False]
+    if failed:
+        print(f"bench_sas: {len(failed)} kernel checks FAILED (see the check rows)", flush=True)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

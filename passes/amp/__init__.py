@@ -56,6 +56,7 @@ from effcompile.graph import set_submodule
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program
 
+from .float8 import float8_requirement, swap_float8_linears
 from .policy import DEFAULT_KEEP_FP32, KEEP_FP32_CLASSES, classify, is_known_op, keep_fp32_names, op_name
 from .weights import LowPrecisionWeights
 
@@ -70,15 +71,15 @@ _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast never tou
 _CONV = {torch.nn.Conv1d: F.conv1d, torch.nn.Conv2d: F.conv2d, torch.nn.Conv3d: F.conv3d}
 
 
-def _float8_requirement() -> str | None:
-    """Why float8 training cannot run here (None if it could)."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-        return "a Hopper-or-newer CUDA GPU (sm_90+)"
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        return "torchao (pip install torchao)"
-    return None
+@dataclass(frozen=True)
+class AmpState:
+    """What ``amp`` left on the program (``program.plan(AmpState)``): the low dtype, how parameters are cast,
+    and with float8 the recipe and each linear's decision (``{module path: "float8 (...)" | "bf16: why"}``)."""
+
+    dtype: str
+    cast_params: str
+    float8_recipe: str | None = None
+    float8_linears: tuple[tuple[str, str], ...] = ()
 
 
 @register
@@ -88,11 +89,17 @@ class Amp(Pass):
     name = "amp"
     summary = "mixed precision as explicit casts: bf16/fp16 matmuls and attention, fp32 master weights"
     exact = False
+    after = ("lora", "lowrank", "sas", "fuse")  # precision is chosen on the final structure
 
     @dataclass(frozen=True)
     class Config:
         dtype: Literal["bfloat16", "float16", "float8"] = field(default="bfloat16", metadata={
-            "help": "low-precision dtype of matmuls/attention (float16 needs torch.amp.GradScaler)"})
+            "help": "low-precision dtype of matmuls/attention (float16 needs torch.amp.GradScaler; float8: the "
+                    "large linears in float8 through torchao, the rest bf16 — Hopper GPU only)"})
+        float8_recipe: Literal["tensorwise", "rowwise"] = field(default="tensorwise", metadata={
+            "help": "dtype=float8: torchao's scaling recipe (tensorwise: fastest; rowwise: more accurate)"})
+        float8_min_dim: int = field(default=2048, metadata={
+            "help": "dtype=float8: linears with min(in, out) below this stay bf16 (float8 loses on small GEMMs)"})
         keep_fp32: tuple[str, ...] = field(default=DEFAULT_KEEP_FP32, metadata={
             "help": "op classes (softmax, norm, reduction, loss, exp_log_pow, cumulative) or op names kept "
                     "in float32; 'none' for no class"})
@@ -116,23 +123,26 @@ class Amp(Pass):
             if unknown:
                 raise OptionError(f"amp: keep_fp32 entry {unknown[0]!r} is neither an op class "
                                   f"({', '.join(KEEP_FP32_CLASSES)}) nor an op name; fix --set amp.keep_fp32")
+            if isinstance(self.float8_min_dim, bool) or not isinstance(self.float8_min_dim, int) or \
+                    self.float8_min_dim < 16:
+                raise OptionError(f"amp: float8_min_dim {self.float8_min_dim!r} must be a whole number ≥ 16")
             if self.dtype == "float8":
-                missing = _float8_requirement()
+                missing = float8_requirement()
                 if missing is not None:
-                    raise OptionError(f"amp: dtype float8 needs {missing} and torchao's float8 training; "
+                    raise OptionError(f"amp: dtype float8 needs {missing} for torchao's float8 training; "
                                       "use --set amp.dtype=bfloat16 here")
-                raise OptionError("amp: dtype float8 is not implemented yet (needs torchao float8 linears); "
-                                  "use --set amp.dtype=bfloat16")
 
     def call(self, program: Program, config: Config) -> PassRecord:
-        low = DTYPES[config.dtype]
-        previous = program.meta.get("amp")
-        if previous is not None and previous["dtype"] != config.dtype:
-            raise PassError(f"amp: the program is already in {previous['dtype']}; run amp once "
+        low = DTYPES.get(config.dtype, torch.bfloat16)  # float8: the linears chosen below, bf16 elsewhere
+        previous = program.plan(AmpState)
+        if previous is not None and previous.dtype != config.dtype:
+            raise PassError(f"amp: the program is already in {previous.dtype}; run amp once "
                             f"(drop the second amp or its dtype={config.dtype})")
         gm, graph = program.gm, program.gm.graph
         existing = {n for n in graph.nodes if n.meta.get(_META)}
         converted = _functionalize_modules(gm)
+        float8 = swap_float8_linears(gm, config.float8_recipe, config.float8_min_dim) \
+            if config.dtype == "float8" and previous is None else {}
         asserts = relax_dtype_asserts(graph)
         gm.recompile()
         reference = _autocast_reference(program, low) if config.compare_autocast else None
@@ -173,9 +183,11 @@ class Amp(Pass):
         alive = set(graph.nodes)
         casts = [n for n in graph.nodes if n.meta.get(_META) == "cast"]
         to_low = sum(1 for n in casts if n.kwargs["dtype"] == low)
-        changed = bool(converted or stored_low or cached or causal or
+        changed = bool(converted or float8 or stored_low or cached or causal or
                        any(n not in existing for n in graph.nodes if n.meta.get(_META)))
-        program.meta["amp"] = {"dtype": config.dtype, "cast_params": config.cast_params}
+        program.set_plan(AmpState(config.dtype, config.cast_params,
+                                  config.float8_recipe if config.dtype == "float8" else None,
+                                  tuple(float8.items())))
         op_counts = Counter(op_name(n) or str(n.target) for n in low_ops if n.op != "call_module")
         op_counts.update("module" for n in low_ops if n.op == "call_module")
         details: dict[str, Any] = {
@@ -188,6 +200,10 @@ class Amp(Pass):
                                      for n, c in classes.items() if c == "fp32" and n in alive)),
             "params_stored_low": stored_low, "params_cached": cached, "sdpa_made_causal": len(causal),
         }
+        if float8:
+            chosen = sum(1 for decision in float8.values() if decision.startswith("float8"))
+            details["float8_linears"] = float8
+            details["summary"] += f"; {chosen} of {len(float8)} linears in float8 ({config.float8_recipe})"
         if reference is not None:
             details["autocast"] = _compare_to_reference(program, reference)
             error = details["autocast"]["output_max_rel"]

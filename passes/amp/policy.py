@@ -61,8 +61,9 @@ _MODULE_OPS = {"LayerNorm": "layer_norm", "RMSNorm": "rms_norm", "GroupNorm": "g
                "HuberLoss": "huber_loss", "KLDivLoss": "kl_div", "BCELoss": "binary_cross_entropy",
                "BCEWithLogitsLoss": "binary_cross_entropy_with_logits", "Softplus": "softplus"}
 
-# A call_module whose module (class or instance) sets this attribute truthy takes low-precision inputs
-# and handles its own parameters (e.g. attention kernels installed by other passes).
+# A call_module whose module (class or instance), or a call_function whose function, sets this attribute
+# truthy takes low-precision inputs and handles its own parameters (e.g. attention kernels or the fused
+# linear + cross-entropy installed by other passes).
 LOW_PRECISION_ATTRIBUTE = "low_precision_ok"
 
 
@@ -99,6 +100,8 @@ def classify(gm: torch.fx.GraphModule, node: torch.fx.Node, fp32_names: frozense
             return "fp32"
         has_float_state = any(t.is_floating_point() for t in list(module.parameters()) + list(module.buffers()))
         return "module_fp32" if has_float_state else "other"
+    if node.op == "call_function" and getattr(node.target, LOW_PRECISION_ATTRIBUTE, False):
+        return "low"  # a function another pass installed that takes low-precision inputs (fuse's loss head)
     name = op_name(node)
     if name is None or name.endswith("_") and name != "_":  # in-place ops cannot change dtype
         return "other"

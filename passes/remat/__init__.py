@@ -1,4 +1,5 @@
-"""``remat``: recompute cheap activations in backward instead of keeping them, to fit a memory budget.
+"""``remat``: recompute cheap activations in backward, or offload them to host memory, instead of keeping
+them on the device, to fit a memory budget.
 
 1. Measure the graph once (``effcompile.analysis``): per node, the storages autograd saves for backward,
    the storages of its outputs and its forward FLOPs. Compute nodes are those that depend on a trainable
@@ -9,7 +10,7 @@
    fine run (recomputes only the cheap ops between saved ops), each prefix and suffix of the region
    (part-block segments), and the whole region.
 3. Choose the segments (policy ``budget``): minimise the recompute cost (``cost``: FLOPs, or by
-   default a roofline time estimate — see ``_remat_plan``) subject to the predicted *peak* of
+   default a roofline time estimate on a device profile, from ``effcompile.analysis``) subject to the predicted *peak* of
    saved activations ≤ budget. Kept bytes count a storage once: what un-checkpointed nodes save plus
    every checkpointed segment's inputs. Solver: per region, every set of disjoint candidates is costed
    (kept bytes of the region's own storages, largest recompute transient, FLOPs) — identical regions
@@ -22,19 +23,25 @@
    (``scipy.optimize.milp``) was tried first: on 24 identical blocks HiGHS hit its time limit
    (symmetry), the per-region DP solves the same model in ~1 s.
    Policy ``blocks`` checkpoints every repeated block; ``sqrt`` groups ⌈√L⌉ consecutive blocks per
-   segment (Chen et al. 2016). Both ignore ``budget``.
+   segment (Chen et al. 2016). Both ignore ``budget``. With ``offload`` ``auto``/``on`` each kept
+   activation may instead go to pinned host memory (the DP's offload stage, ``solve``: a copy costs only
+   what the next region's compute cannot hide at the host link's bandwidth; ``on`` and the ``blocks``/
+   ``sqrt`` policies then offload every further kept activation whose copies hide completely).
 4. Rewrite: each chosen segment becomes a stateless sub-GraphModule called through
    ``CheckpointedSegment`` → ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``. Parameters,
    buffers and submodules stay in the parent (names unchanged) and enter as inputs; SymInt/int values
    cross the boundary as plain Python ints; segments holding dropout/random ops keep the RNG state so
-   the recomputation draws the same numbers. Gradients are exact.
+   the recomputation draws the same numbers. Gradients are exact. Offloaded activations are marked in the
+   graph and the span that holds them runs under ``OffloadedSpan``'s saved-tensor hooks (``offload``):
+   side-stream copies out in the forward, prefetched back in the backward; gradients are bit-identical.
 5. Loss head (option ``head``, default ``auto``: whenever the plan must save memory, and for ``blocks`` and
-   ``sqrt``): a linear + cross-entropy head becomes one chunked call (``_remat_head``) that keeps only a
+   ``sqrt``): a linear + cross-entropy head becomes one chunked call (``head``) that keeps only a
    per-row log-sum-exp and recomputes each chunk's logits in backward — the float32 logits, log-softmax and
    logits gradient of a large vocabulary are never whole. The plan is then made on the rewritten graph
    (budget in bytes of the original baseline). Exact to round-off; costs one more LM-head matmul.
-6. A graph that already holds checkpointed segments or a chunked head, or a budget met without recomputation (e.g. 1.0),
-   is left unchanged (``changed=False``).
+6. A graph that already holds checkpointed segments, an offload span or a chunked head, or a budget met
+   without recomputation (e.g. 1.0), is left unchanged (``changed=False``). The plan is stored on the
+   Program as a ``RematPlan`` (``program.plan(RematPlan)``) and is the record's details.
 
 Bytes are those of the program's example inputs on the device it was captured on (a ``2GiB`` budget
 refers to that batch); a fraction scales with the batch. With ``autocast=bfloat16`` the cost model runs
@@ -50,26 +57,42 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.fx
 
-from effcompile.analysis import Analysis, analyze
+from effcompile.analysis import (
+    DEFAULT_ACCELERATOR,
+    Analysis,
+    DeviceProfile,
+    analyze,
+    cost_seconds,
+    device_profile,
+    host_link_bandwidth,
+    measure_forward_seconds,
+)
 from effcompile.errors import OptionError, PassError
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program
 
 from .head import chunk_loss_heads, is_chunked_head
+from .offload import OffloadedSpan, SimulatedLink
+from .offload_graph import insert_offload, is_offload_span, offload_model, producers
 from .plan import (
     SAVE_CLASSES,
     Candidate,
+    Evaluation,
+    Problem,
     blocks_plan,
     budget_candidates,
     build_problem,
     evaluate,
-    optimise,
     save_nodes,
-    smallest_peak,
     sqrt_plan,
 )
+from .record import OffloadedStorage, RematPlan, step_seconds, summary
 from .segment import extract_segment, is_segment
+from .solve import OffloadModel, exposed_seconds, optimise, smallest_peak, widen_offload
+
+__all__ = ["Remat", "RematPlan", "OffloadedStorage", "OffloadedSpan", "SimulatedLink", "parse_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +115,7 @@ class Remat(Pass):
     name = "remat"
     summary = "recompute cheap activations in backward (non-reentrant checkpoint segments) to fit a memory budget"
     exact = True
+    after = ("lora", "lowrank", "sas", "fuse", "amp")  # remat plans on the final graph
 
     @dataclass(frozen=True)
     class Config:
@@ -116,8 +140,36 @@ class Remat(Pass):
         save: tuple[str, ...] = field(default=("matmul", "attention"), metadata={
             "help": "op classes fine-grained segments never recompute (comma-separated: matmul, attention, "
                     "norm; empty: none) — only whole-block segments recompute them"})
+        offload: Literal["off", "auto", "on"] = field(default="off", metadata={
+            "help": "keep / recompute / offload each saved activation to pinned host memory (side stream, "
+                    "prefetched in backward): auto: offload where the link model says it is cheaper than "
+                    "recomputing; on: also offload every further kept activation whose copies hide; off: "
+                    "recompute only"})
+        link_bandwidth: float | str = field(default=0.0, metadata={
+            "help": "host link bytes/s per direction for the offload model ('45GB'); 0: measured once per "
+                    "CUDA device and cached, else the device profile's"})
+        device: Literal["auto", "h200", "h100", "cpu"] = field(default="auto", metadata={
+            "help": "the device profile costs are estimated for; auto: the CUDA device the program is on, "
+                    "else h200 (a program captured on the CPU is planned for GPU training)"})
+        offload_min_bytes: float | str = field(default="1MiB", metadata={
+            "help": "smallest tensor offload may move (smaller ones cost more in hooks than they free)"})
+        time_scale: float = field(default=0.0, metadata={
+            "help": "real (eager) forward seconds ÷ the roofline's, for the compute copies can hide behind; "
+                    "0: measured when offloading a program on a CUDA device, else the device profile's"})
 
         def __post_init__(self) -> None:
+            if isinstance(self.time_scale, bool) or not isinstance(self.time_scale, (int, float)) or \
+                    self.time_scale < 0:
+                raise OptionError(f"remat: time_scale {self.time_scale!r} must be a number ≥ 0 (0: automatic)")
+            for name in ("link_bandwidth", "offload_min_bytes"):
+                value = getattr(self, name)
+                try:
+                    number = parse_bytes(value.removesuffix("/s")) if isinstance(value, str) else value
+                    if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
+                        raise ValueError(value)
+                except ValueError:
+                    raise OptionError(f"remat: {name} {value!r} must be bytes ≥ 0, e.g. 45GB or 4.5e10") from None
+                object.__setattr__(self, name, float(number))
             if isinstance(self.head_rows, bool) or not isinstance(self.head_rows, int) or self.head_rows < 0:
                 raise OptionError(f"remat: head_rows {self.head_rows!r} must be a whole number ≥ 0 (0: automatic)")
             unknown = [c for c in self.save if c not in SAVE_CLASSES]
@@ -142,12 +194,13 @@ class Remat(Pass):
 
     def call(self, program: Program, config: Config) -> PassRecord:
         gm = program.gm
-        existing = [n for n in gm.graph.nodes if is_segment(gm, n) or is_chunked_head(n)]
+        existing = [n for n in gm.graph.nodes if is_segment(gm, n) or is_chunked_head(n) or is_offload_span(gm, n)]
         if existing:
             return PassRecord(self.name, changed=False, reason=f"graph already has {len(existing)} checkpointed "
                               "segments (remat ran before)", details={"summary": "already rematerialised"})
+        profile = self._profile(program, config)
         analysis = self._analyze(program, config)
-        problem = build_problem(gm, analysis, config.cost)
+        problem = build_problem(gm, analysis, config.cost, profile)
         if not problem.compute or problem.baseline_bytes == 0:
             return PassRecord(self.name, changed=False, reason="nothing is saved for backward (no trainable "
                               "parameters reached)", details={"summary": "nothing to recompute"})
@@ -159,43 +212,58 @@ class Remat(Pass):
             heads = chunk_loss_heads(gm, config.head_rows)
             if heads:  # plan on the graph with the chunked head (same budget in bytes)
                 analysis = self._analyze(program, config)
-                problem = build_problem(gm, analysis, config.cost)
-        solver = config.policy
-        if config.policy == "blocks":
-            plan = blocks_plan(problem, analysis)
-        elif config.policy == "sqrt":
-            plan = sqrt_plan(problem, analysis)
-        else:
-            candidates = budget_candidates(problem, analysis, save_nodes(gm, config.save))
-            if budget_bytes >= problem.baseline_bytes:
-                plan, solver = [], "none (budget met without recomputation)"
-            else:
-                plan, solver = optimise(problem, candidates, budget_bytes)
-                if plan is None:
-                    reachable = smallest_peak(problem, candidates)
-                    raise PassError(
-                        f"remat: budget {config.budget} ({budget_bytes / 2**20:.2f} MiB) is below the smallest "
-                        f"reachable ({reachable / problem.baseline_bytes:.3f} of baseline, "
-                        f"{reachable / 2**20:.2f} MiB at this batch); raise --set remat.budget")
-        after = evaluate(problem, plan)
-        details = self._details(config, problem, plan, before, after, budget_bytes, solver, heads)
-        if not plan and not heads:
+                problem = build_problem(gm, analysis, config.cost, profile)
+        link = self._link(program, config, profile)
+        scale = self._time_scale(program, config, profile, problem)
+        model = offload_model(problem, gm, analysis, profile, link[0], config.offload_min_bytes,
+                              config.offload == "on", scale[0]) if config.offload != "off" and link[0] > 0 else None
+        plan, offloaded, solver = self._choose(config, gm, problem, analysis, budget_bytes, model)
+        after = evaluate(problem, plan, offloaded)
+        exposed = exposed_seconds(problem, offloaded, model) if model is not None else 0.0
+        record = self._plan(config, gm, problem, analysis, plan, offloaded, (before, after), budget_bytes, solver,
+                            heads, link, scale, exposed)
+        details = record.details()
+        if not plan and not heads and not offloaded:
             reason = "budget met without recomputation" if config.policy == "budget" else \
                 f"policy {config.policy} found no repeated blocks or segments to checkpoint"
             return PassRecord(self.name, changed=False, reason=reason, details=details)
         for index, candidate in enumerate(sorted(plan, key=lambda c: c.start)):
             extract_segment(gm, candidate.members, index)
+        insert_offload(gm, problem, analysis, offloaded)
         # Not graph.finalize: its dead-code pass drops unused get_attr nodes and then the modules they
         # name (HF GPT-2's tied transformer.wte), renaming parameters. Extraction leaves nothing dead.
         gm.graph.lint()
         gm.recompile()
-        program.meta["remat.plan"] = details
+        program.set_plan(record)
         stats = {"remat_segments": len(plan), "remat_predicted_saved_bytes_before": before.retained_bytes,
                  "remat_predicted_saved_bytes_after": after.retained_bytes,
                  "remat_predicted_peak_bytes_after": after.peak_bytes, "remat_recompute_flops": after.recompute_flops,
-                 "remat_chunked_loss_heads": len(heads)}
+                 "remat_chunked_loss_heads": len(heads), "remat_offloaded_tensors": len(offloaded),
+                 "remat_predicted_offloaded_bytes": after.offloaded_bytes}
         log.info("remat: %s", details["summary"])
         return PassRecord(self.name, changed=True, stats=stats, details=details)
+
+    def _choose(self, config: Config, gm: torch.fx.GraphModule, problem: Problem, analysis: Analysis,
+                budget_bytes: float, model: OffloadModel | None) -> tuple[list[Candidate], dict[int, int], str]:
+        """The segments, the offloaded storages (id → region) and the solver's name for ``config.policy``."""
+        if config.policy in ("blocks", "sqrt"):
+            plan = blocks_plan(problem, analysis) if config.policy == "blocks" else sqrt_plan(problem, analysis)
+            offloaded = widen_offload(problem, plan, {}, model, None) if model is not None else {}
+            return plan, offloaded, config.policy + (" + offload" if offloaded else "")
+        if budget_bytes >= problem.baseline_bytes:
+            return [], {}, "none (budget met without recomputation)"
+        candidates = budget_candidates(problem, analysis, save_nodes(gm, config.save))
+        solution, solver = optimise(problem, candidates, budget_bytes, model)
+        if solution is None:
+            reachable = smallest_peak(problem, candidates, model)
+            raise PassError(
+                f"remat: budget {config.budget} ({budget_bytes / 2**20:.2f} MiB) is below the smallest "
+                f"reachable ({reachable / problem.baseline_bytes:.3f} of baseline, "
+                f"{reachable / 2**20:.2f} MiB at this batch); raise --set remat.budget")
+        offloaded = solution.offloaded
+        if model is not None and model.widen:
+            offloaded = widen_offload(problem, solution.segments, offloaded, model, budget_bytes)
+        return solution.segments, offloaded, solver + (" + offload" if offloaded else "")
 
     @staticmethod
     def _analyze(program: Program, config: Config) -> Analysis:
@@ -208,31 +276,69 @@ class Remat(Pass):
             return analyze(program)
 
     @staticmethod
+    def _profile(program: Program, config: Config) -> DeviceProfile:
+        if config.device != "auto":
+            return device_profile(config.device)
+        device = _program_device(program)
+        return device_profile(device) if device.type == "cuda" else device_profile(DEFAULT_ACCELERATOR)
+
+    @staticmethod
+    def _link(program: Program, config: Config, profile: DeviceProfile) -> tuple[float, str]:
+        """Host link bytes/s for the offload model and where the figure came from."""
+        if config.offload == "off":
+            return 0.0, "none"
+        if config.link_bandwidth:
+            return float(config.link_bandwidth), "option"
+        device = _program_device(program)
+        if device.type == "cuda" and config.device in ("auto", profile.name):
+            return host_link_bandwidth(device)
+        return profile.host_link_bytes_per_second, "default"
+
+    @staticmethod
+    def _time_scale(program: Program, config: Config, profile: DeviceProfile, problem: Problem) -> tuple[float, str]:
+        """Real eager seconds ÷ roofline seconds, and where it came from: the option, a measured forward on
+        the CUDA device the program is on (when offloading), else the profile's."""
+        if config.time_scale:
+            return float(config.time_scale), "option"
+        device = _program_device(program)
+        if config.offload == "off" or device.type != "cuda" or config.device not in ("auto", profile.name):
+            return profile.eager_time_scale, "profile"
+        roofline = cost_seconds(sum(problem.node_time.values()), profile)
+        dtype = getattr(torch, config.autocast) if config.autocast != "off" else None
+        return measure_forward_seconds(program, dtype) / max(roofline, 1e-12), "measured"
+
+    @staticmethod
     def _budget_bytes(config: Config, baseline: int) -> float:
         if isinstance(config.budget, str):
             return parse_bytes(config.budget)
         return float(config.budget) * baseline
 
     @staticmethod
-    def _details(config: Config, problem, plan: list[Candidate], before, after, budget_bytes: float,
-                 solver: str, heads: list[str]) -> dict:
-        kinds = {kind: sum(1 for c in plan if c.kind == kind) for kind in ("fine", "range", "block", "group")}
-        share = after.recompute_flops / max(problem.total_flops, 1)
-        cost_share = after.recompute_cost / max(problem.total_cost, 1e-9)
-        summary = (f"{len(plan)} segments ({kinds['fine']} fine, {kinds['range']} part-block, "
-                   f"{kinds['block'] + kinds['group']} whole); saved "
-                   f"activations {before.retained_bytes / 2**20:.2f} → {after.retained_bytes / 2**20:.2f} MiB "
-                   f"({after.retained_bytes / max(before.retained_bytes, 1):.2f}), peak "
-                   f"{after.peak_bytes / 2**20:.2f} MiB; recompute +{100 * share:.1f}% forward FLOPs "
-                   f"(est. +{100 * cost_share:.1f}% forward time) [{solver}]")
-        if heads:
-            summary += f"; loss head chunked ({', '.join(heads)})"
-        return {
-            "summary": summary, "policy": config.policy, "solver": solver,
-            "budget_bytes": budget_bytes if config.policy == "budget" else None,
-            "predicted_saved_bytes_before": before.retained_bytes, "predicted_saved_bytes_after": after.retained_bytes,
-            "predicted_peak_bytes_after": after.peak_bytes, "recompute_flops": after.recompute_flops,
-            "forward_flops": problem.total_flops, "recompute_share": share, "cost_model": config.cost,
-            "recompute_cost_share": cost_share, "chunked_loss_heads": heads,
-            "segments": [c.to_dict(problem.storage_bytes) for c in sorted(plan, key=lambda c: c.start)],
-        }
+    def _plan(config: Config, gm: torch.fx.GraphModule, problem: Problem, analysis: Analysis, plan: list[Candidate],
+              offloaded: dict[int, int], evaluations: tuple[Evaluation, Evaluation], budget_bytes: float, solver: str,
+              heads: list[str], link: tuple[float, str], scale: tuple[float, str], exposed: float) -> RematPlan:
+        """The typed record of the plan (stored on the Program, and the PassRecord's details)."""
+        before, after = evaluations
+        step, baseline = step_seconds(problem, plan, exposed, scale[0])
+        found = producers(gm, analysis) if offloaded else {}
+        record = RematPlan(
+            policy=config.policy, solver=solver, cost_model=config.cost, device_profile=problem.profile.name,
+            budget_bytes=budget_bytes if config.policy == "budget" else None,
+            segments=[c.to_dict(problem.storage_bytes) for c in sorted(plan, key=lambda c: c.start)],
+            offloaded=[OffloadedStorage(found[k].name, problem.storage_bytes[k], region)
+                       for k, region in sorted(offloaded.items(), key=lambda kv: problem.position[found[kv[0]]])],
+            saved_bytes_before=before.retained_bytes, kept_bytes=after.retained_bytes,
+            recomputed_bytes=max(0, problem.baseline_bytes - after.retained_bytes - after.offloaded_bytes),
+            offloaded_bytes=after.offloaded_bytes, peak_bytes=after.peak_bytes, recompute_flops=after.recompute_flops,
+            forward_flops=problem.total_flops, recompute_cost_share=after.recompute_cost / max(problem.total_cost, 1e-9),
+            link_bytes_per_second=link[0], link_source=link[1], time_scale=scale[0], time_scale_source=scale[1],
+            offload=config.offload,
+            predicted_step_seconds=step, predicted_baseline_step_seconds=baseline,
+            predicted_exposed_copy_seconds=exposed, chunked_loss_heads=heads)
+        record.summary = summary(record, plan, before, after)
+        return record
+
+
+def _program_device(program: Program) -> torch.device:
+    parameter = next(program.gm.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")

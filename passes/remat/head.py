@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,17 +38,12 @@ import torch.fx
 import torch.nn.functional as F
 
 from effcompile.export.registry import serializable
-from effcompile.graph import module_path
-from effcompile.patterns import DTYPE_CONVERSIONS, LINEAR_FUNCTIONS
+from effcompile.patterns import HeadSite, find_loss_heads
 
 aten = torch.ops.aten
 
 CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk when rows are chosen automatically
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
-          aten.clone.default, torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.contiguous}
-_VIEW_METHODS = {"view", "reshape", "contiguous"}
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
 def auto_rows(vocab: int) -> int:
@@ -207,156 +201,6 @@ def plain_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torc
     return loss, (logits if want_logits else None)
 
 
-# --------------------------------------------------------------------------------------------- matching
-
-@dataclass
-class HeadSite:
-    """One matched loss head: the linear, the chain to the cross-entropy, and the cross-entropy's options."""
-
-    linear: torch.fx.Node
-    loss: torch.fx.Node
-    chain: list[torch.fx.Node]  # between them, linear's user first
-    h: torch.fx.Node
-    weight: torch.fx.Node | str  # a node, or the target of an nn.Linear's weight to fetch
-    bias: torch.fx.Node | str | None
-    target: Any
-    ignore_index: int
-    reduction: int
-    upcast: torch.dtype | None
-    slices: list[torch.fx.Node]  # leading-dim slices to apply to h
-
-
-def _is(node: Any, targets: set, methods: set[str] = frozenset()) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_function":
-        return node.target in targets
-    return node.op == "call_method" and node.target in methods
-
-
-def _cross_entropy_options(node: torch.fx.Node) -> tuple[Any, Any, int, int] | None:
-    """``(input, target, ignore_index, reduction)`` of a plain cross-entropy call, else None."""
-    if node.op != "call_function":
-        return None
-    if node.target is aten.cross_entropy_loss.default:
-        names = ("input", "target", "weight", "reduction", "ignore_index", "label_smoothing")
-        values = {"weight": None, "reduction": 1, "ignore_index": -100, "label_smoothing": 0.0}
-        values.update(dict(zip(names, node.args)))
-        values.update(node.kwargs)
-        reduction = values["reduction"]
-    elif node.target is F.cross_entropy:
-        names = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
-        values = {"weight": None, "size_average": None, "reduce": None, "ignore_index": -100, "reduction": "mean",
-                  "label_smoothing": 0.0}
-        values.update(dict(zip(names, node.args)))
-        values.update(node.kwargs)
-        if values["size_average"] is not None or values["reduce"] is not None:
-            return None
-        reduction = _REDUCTIONS.get(values["reduction"], -1)
-    else:
-        return None
-    if values["weight"] is not None or values["label_smoothing"] not in (0, 0.0) or reduction not in (0, 1, 2):
-        return None
-    if not isinstance(values["ignore_index"], int):
-        return None
-    return values["input"], values["target"], values["ignore_index"], reduction
-
-
-def _float_cast(node: torch.fx.Node) -> torch.dtype | None | bool:
-    """The floating dtype a cast node converts to; False when ``node`` is not such a cast."""
-    if node.op == "call_method" and node.target == "float":
-        return torch.float32
-    if node.op == "call_method" and node.target == "to":
-        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
-    elif node.op == "call_function" and node.target in DTYPE_CONVERSIONS:
-        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
-        if set(node.kwargs) - {"dtype", "layout", "device", "memory_format", "copy"}:
-            return False
-    else:
-        return False
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else False
-
-
-def _rank(node: Any) -> int | None:
-    """The tensor rank recorded on a node (export's ``val`` or ShapeProp's ``tensor_meta``), else None."""
-    if not isinstance(node, torch.fx.Node):
-        return None
-    value = node.meta.get("val", node.meta.get("tensor_meta"))
-    shape = getattr(value, "shape", None)
-    return len(shape) if shape is not None else None
-
-
-def _leading_slice(node: torch.fx.Node) -> bool:
-    """A slice of a dimension other than the last (it commutes with the linear): ``aten.slice(x, dim, ...)``
-    or ``x[a:b, c:d]`` (slices only), on a node whose rank is recorded."""
-    rank = _rank(node.args[0]) if node.args else None
-    if rank is None or node.op != "call_function":
-        return False
-    if node.target is aten.slice.Tensor:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        return isinstance(dim, int) and -rank <= dim < rank and dim % rank != rank - 1
-    if node.target is operator.getitem and len(node.args) == 2:
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        if not index or not all(isinstance(i, slice) for i in index) or len(index) > rank:
-            return False
-        return len(index) < rank or index[-1] == slice(None)
-    return False
-
-
-def _linear_parts(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Any, Any, Any] | None:
-    """``(h, weight, bias)`` of a linear over the last dimension, else None."""
-    if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
-        h = node.args[0]
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return (h, weight, bias) if isinstance(weight, torch.fx.Node) else None
-    if node.op == "call_module" and not node.kwargs and len(node.args) == 1:
-        module = gm.get_submodule(str(node.target))
-        if type(module) is torch.nn.Linear:
-            return node.args[0], f"{node.target}.weight", f"{node.target}.bias" if module.bias is not None else None
-    return None
-
-
-def find_loss_heads(gm: torch.fx.GraphModule) -> list[HeadSite]:
-    """Every linear + cross-entropy loss head of ``gm`` that ``chunk_loss_heads`` can rewrite."""
-    sites: list[HeadSite] = []
-    for node in gm.graph.nodes:
-        options = _cross_entropy_options(node)
-        if options is None or not isinstance(options[0], torch.fx.Node):
-            continue
-        scores, target, ignore_index, reduction = options
-        chain: list[torch.fx.Node] = []
-        upcast: torch.dtype | None = None
-        slices: list[torch.fx.Node] = []
-        current = scores
-        parts = None
-        while isinstance(current, torch.fx.Node):
-            parts = _linear_parts(gm, current)
-            if parts is not None:
-                break
-            if len(current.users) != 1:
-                break
-            cast = _float_cast(current)
-            if cast is not False:
-                if upcast is not None:
-                    break
-                upcast = cast
-            elif _leading_slice(current):
-                slices.append(current)
-            elif not _is(current, _VIEWS, _VIEW_METHODS):
-                break
-            chain.append(current)
-            current = current.args[0] if current.args else None
-        if parts is None or not isinstance(current, torch.fx.Node):
-            continue
-        h, weight, bias = parts
-        if not isinstance(h, torch.fx.Node):
-            continue
-        sites.append(HeadSite(current, node, list(reversed(chain)), h, weight, bias, target, ignore_index, reduction,
-                              upcast, list(reversed(slices))))
-    return sites
-
-
 def _fetch(graph: torch.fx.Graph, value: Any) -> Any:
     return graph.get_attr(value) if isinstance(value, str) else value
 
@@ -392,7 +236,7 @@ def chunk_loss_heads(gm: torch.fx.GraphModule, rows: int = 0) -> list[str]:
         for dead in [site.loss, *reversed(site.chain), site.linear]:
             if not dead.users:
                 graph.erase_node(dead)
-        done.append(_site_name(site))
+        done.append(site.name)
     if done:
         graph.lint()
         gm.recompile()
@@ -404,12 +248,6 @@ def is_chunked_head(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is chunked_linear_cross_entropy
 
 
-def _site_name(site: HeadSite) -> str:
-    if isinstance(site.weight, str):
-        return site.weight.rsplit(".", 1)[0]
-    return module_path(site.linear) or site.linear.name
-
-
 def head_names(sites: Sequence[HeadSite]) -> list[str]:
     """The module paths (or node names) of matched heads, for reports."""
-    return [_site_name(site) for site in sites]
+    return [site.name for site in sites]

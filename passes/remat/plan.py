@@ -1,5 +1,4 @@
-"""Planning for ``remat``: candidate segments, the memory model of a plan, and the solvers (a per-region
-enumeration + knapsack DP, and a greedy fallback).
+"""Planning for ``remat``: candidate segments and the memory model of a plan (the solvers are in ``solve``).
 
 Memory model (all from ``effcompile.analysis``, storages counted once, parameters never):
   * retained bytes = storages saved for backward by nodes outside every checkpointed segment, plus the
@@ -7,28 +6,35 @@ Memory model (all from ``effcompile.analysis``, storages counted once, parameter
   * peak bytes = max(retained, max over segments s of [retained storages first used at or before s's
     start + what s's recomputation saves]) — during backward, segment s is recomputed while the
     activations of everything before it are still held.
-Recompute cost (what the solvers minimise), per node, in FLOP-equivalents:
-  * ``cost="flops"``: forward FLOPs from the cost model (matmul/attention counted, other ops one per
-    output element);
-  * ``cost="time"`` (default): a roofline estimate, max(FLOPs, ``FLOPS_PER_BYTE`` × bytes the op writes
-    and reads back) — elementwise ops are memory-bound, and in eager mode a chain of them costs about
-    as much as the block's matmuls — plus ``SEGMENT_OVERHEAD_SHARE`` of the forward's cost per segment
-    (each checkpoint call has a fixed Python/dispatch cost, so fewer, larger segments are preferred
-    when they save as much). Views cost nothing.
+Recompute cost (what the solvers minimise), per node, in FLOP-equivalents, from the one cost model
+(``effcompile.analysis``, on a ``DeviceProfile``):
+  * ``cost="flops"``: forward FLOPs (matmul/attention counted, other ops one per output element);
+  * ``cost="time"`` (default): the roofline estimate ``node_time_cost``, max(FLOPs, ridge × bytes the op
+    writes and reads back) — elementwise ops are memory-bound, and in eager mode a chain of them costs
+    about as much as the block's matmuls — plus ``segment_overhead_cost`` per segment (each checkpoint
+    call has a fixed Python/dispatch cost, so fewer, larger segments are preferred when they save as
+    much). Views cost nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.fx
 
-from effcompile.analysis import Analysis
+from effcompile.analysis import (
+    DEFAULT_ACCELERATOR,
+    DEVICE_PROFILES,
+    Analysis,
+    DeviceProfile,
+    node_recompute_cost,
+    node_time_cost,
+    segment_overhead_cost,
+)
 from effcompile.graph import block_index, module_path
 from effcompile.patterns import MATMUL_FUNCTIONS, find_attention, find_linears
 
@@ -82,16 +88,19 @@ class Problem:
     node_cost: dict[torch.fx.Node, float] = field(default_factory=dict)
     total_cost: float = 0.0
     segment_overhead: float = 0.0
+    node_time: dict[torch.fx.Node, float] = field(default_factory=dict)  # forward time, FLOP-equivalents
+    profile: DeviceProfile | None = None
 
 
 @dataclass
 class Evaluation:
     """Predicted memory and cost of a plan (a list of disjoint candidates)."""
 
-    retained_bytes: int
+    retained_bytes: int  # on the device at the forward's end
     peak_bytes: int
     recompute_flops: int
     recompute_cost: float = 0.0
+    offloaded_bytes: int = 0  # in pinned host memory at the forward's end
 
 
 def compute_nodes(gm: torch.fx.GraphModule, analysis: Analysis) -> set[torch.fx.Node]:
@@ -141,6 +150,10 @@ def save_nodes(gm: torch.fx.GraphModule, classes: Iterable[str]) -> set[torch.fx
     if "attention" in classes:
         for site in find_attention(gm):
             chosen.add(site.node)
+    # Fused ops other passes installed say their class (``effcompile_op_class``: norm, elementwise, loss_head);
+    # a fused loss head (its gradients are computed in its forward) is never recomputed.
+    chosen.update(n for n in gm.graph.nodes if n.op == "call_function" and
+                  getattr(n.target, "effcompile_op_class", None) in classes | {"loss_head"})
     if "norm" in classes:
         chosen.update(n for n in gm.graph.nodes if (n.op == "call_function" and n.target in NORM_TARGETS)
                       or (n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)),
@@ -148,30 +161,11 @@ def save_nodes(gm: torch.fx.GraphModule, classes: Iterable[str]) -> set[torch.fx
     return chosen
 
 
-FLOPS_PER_BYTE = 200.0  # ~ bf16 tensor-core FLOP/s ÷ HBM bytes/s on an H100/H200
-SEGMENT_OVERHEAD_SHARE = 0.002  # per checkpointed segment, as a share of the forward's cost
-
-
-def node_cost(node: torch.fx.Node, analysis: Analysis, cost_model: str) -> float:
-    """Recompute cost of one node in FLOP-equivalents (``cost_model`` ``"flops"`` or ``"time"``)."""
-    cost = analysis.costs.get(node.name)
-    if cost is None:
-        return 0.0
-    if cost_model == "flops":
-        return float(cost.flops)
-    sources = set()
-    for source in node.all_input_nodes:
-        if source.name in analysis.costs:
-            sources.update(analysis.costs[source.name].output_storages)
-    fresh = [k for k in cost.output_storages if k not in sources]  # views write nothing
-    written = sum(analysis.storage_bytes[k] for k in fresh)
-    if not fresh:
-        return 0.0
-    return max(float(cost.flops), FLOPS_PER_BYTE * 2 * written)
-
-
-def build_problem(gm: torch.fx.GraphModule, analysis: Analysis, cost_model: str = "time") -> Problem:
-    """Graph order, compute nodes, per-node saved storages and the block regions."""
+def build_problem(gm: torch.fx.GraphModule, analysis: Analysis, cost_model: str = "time",
+                  profile: DeviceProfile | None = None) -> Problem:
+    """Graph order, compute nodes, per-node saved storages, the block regions and per-node costs
+    (``cost_model`` ``"time"`` or ``"flops"``, FLOP-equivalents on ``profile``, default the H200's)."""
+    profile = profile or DEVICE_PROFILES[DEFAULT_ACCELERATOR]
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     compute = compute_nodes(gm, analysis)
@@ -189,9 +183,11 @@ def build_problem(gm: torch.fx.GraphModule, analysis: Analysis, cost_model: str 
     problem = Problem(nodes, position, compute, saved, dict(analysis.storage_bytes), regions)
     problem.baseline_bytes = sum(problem.storage_bytes[k] for k in set().union(*saved.values()))
     problem.total_flops = sum(analysis.costs[n.name].flops for n in compute)
-    problem.node_cost = {n: node_cost(n, analysis, cost_model) for n in compute}
+    problem.node_cost = {n: node_recompute_cost(n, analysis, cost_model, profile) for n in compute}
     problem.total_cost = sum(problem.node_cost.values())
-    problem.segment_overhead = SEGMENT_OVERHEAD_SHARE * problem.total_cost if cost_model == "time" else 0.0
+    problem.segment_overhead = segment_overhead_cost(problem.total_cost, profile) if cost_model == "time" else 0.0
+    problem.node_time = {n: node_time_cost(n, analysis, profile) for n in compute}
+    problem.profile = profile
     return problem
 
 
@@ -309,8 +305,15 @@ def sqrt_plan(problem: Problem, analysis: Analysis) -> list[Candidate]:
     return plan
 
 
-def evaluate(problem: Problem, plan: Sequence[Candidate]) -> Evaluation:
-    """Predicted retained bytes, peak bytes and recompute FLOPs of ``plan`` (disjoint candidates)."""
+def evaluate(problem: Problem, plan: Sequence[Candidate], offloaded: Mapping[int, int] | None = None) -> Evaluation:
+    """Predicted retained bytes, peak bytes and recompute FLOPs of ``plan`` (disjoint candidates), with the
+    storages in ``offloaded`` (storage id → the region, an index of ``problem.regions``, whose backward
+    uses it) copied to host memory after the forward produced them.
+
+    An offloaded storage is on the device while its region's backward runs and while the backward of the
+    region after it runs (its prefetch); during the forward its copy finishes within the next region's
+    forward, so at the forward's end only kept storages are on the device."""
+    offloaded = offloaded or {}
     covered = {n for c in plan for n in c.members}
     first_use: dict[int, int] = {}
     for node in problem.nodes:
@@ -321,233 +324,27 @@ def evaluate(problem: Problem, plan: Sequence[Candidate]) -> Evaluation:
     for candidate in plan:
         for k in candidate.inputs:
             first_use[k] = min(first_use.get(k, 1 << 62), candidate.start)
-    retained = sum(problem.storage_bytes[k] for k in first_use)
+    on_host = {k: r for k, r in offloaded.items() if k in first_use}
+    host_by_region: dict[int, int] = {}
+    for k, region in on_host.items():
+        host_by_region[region] = host_by_region.get(region, 0) + problem.storage_bytes[k]
+
+    def prefetched(region: int) -> int:  # this region's offloaded storages and the previous one's, fetched back
+        return host_by_region.get(region, 0) + host_by_region.get(region - 1, 0)
+
+    def alive(position: int) -> int:
+        return sum(problem.storage_bytes[k] for k, p in first_use.items() if p <= position and k not in on_host)
+
+    retained = sum(problem.storage_bytes[k] for k in first_use if k not in on_host)
     peak = retained
     for candidate in plan:
-        alive = sum(problem.storage_bytes[k] for k, p in first_use.items() if p <= candidate.start)
         recomputed = sum(problem.storage_bytes[k] for k in candidate.internal if k not in first_use or
                          first_use[k] > candidate.start)
-        peak = max(peak, alive + recomputed)
-    return Evaluation(retained, peak, sum(c.flops for c in plan), sum(c.cost for c in plan))
-
-
-def solve_greedy(problem: Problem, candidates: Sequence[Candidate], budget_bytes: float | None) -> list[Candidate]:
-    """Fallback for large graphs: first the fine segments, best FLOPs-per-byte-freed first, then whole
-    regions in place of their fine segments, until the predicted peak fits ``budget_bytes`` (None: go
-    to the end, the smallest peak this order reaches)."""
-    plan: list[Candidate] = []
-    target = -1.0 if budget_bytes is None else budget_bytes
-    best = (evaluate(problem, plan).peak_bytes, list(plan))
-    for kind in ("fine", "block"):
-        pool = [c for c in candidates if c.kind == kind]
-        freed = {id(c): max(1, sum(problem.storage_bytes[k] for k in c.internal) -
-                            sum(problem.storage_bytes[k] for k in c.inputs)) for c in pool}
-        for candidate in sorted(pool, key=lambda c: c.cost / freed[id(c)]):
-            if evaluate(problem, plan).peak_bytes <= target:
-                return plan
-            trial = [c for c in plan if c.region != candidate.region] if kind == "block" else plan
-            trial = trial + [candidate]
-            peak = evaluate(problem, trial).peak_bytes
-            if kind == "fine" or peak < evaluate(problem, plan).peak_bytes:
-                plan = trial
-                if peak < best[0]:
-                    best = (peak, list(plan))
-    return plan if evaluate(problem, plan).peak_bytes <= target else best[1]
-
-
-@dataclass
-class _RegionOption:
-    """One plan for one region: which of its candidates, the bytes it keeps of the region's own
-    storages, its largest recompute transient and its recomputed FLOPs."""
-
-    chosen: tuple[int, ...]
-    kept_bytes: int
-    transient_bytes: int
-    cost: float
-
-
-MAX_REGION_PLANS = 50_000
-DP_BUCKETS = 4000
-
-
-def _region_options(problem: Problem, candidates: Sequence[Candidate], local: dict[int, int],
-                    ) -> list[_RegionOption] | None:
-    """Every set of pairwise disjoint ``candidates`` (one region's) with its cost, or None when there
-    are more than ``MAX_REGION_PLANS``. ``local`` maps each storage only this region saves or consumes
-    to its bytes."""
-    order = sorted(range(len(candidates)), key=lambda i: candidates[i].start)
-    nodes = sorted({n for c in candidates for n in c.members} |
-                   {n for n in problem.nodes if any(k in local for k in problem.saved[n])},
-                   key=lambda n: problem.position[n])
-    bit = {n: 1 << i for i, n in enumerate(nodes)}
-    masks = [sum(bit[n] for n in c.members) for c in candidates]
-    savers: dict[int, int] = {}
-    for node in nodes:
-        for k in problem.saved[node]:
-            if k in local:
-                savers[k] = savers.get(k, 0) | bit[node]
-    plans: list[tuple[int, ...]] = []
-
-    def extend(chosen: tuple[int, ...], after: int, position: int) -> None:
-        plans.append(chosen)
-        if len(plans) > MAX_REGION_PLANS:
-            return
-        for j in range(after, len(order)):
-            index = order[j]
-            if candidates[index].start > position:
-                extend(chosen + (index,), j + 1, candidates[index].end)
-
-    extend((), 0, -1)
-    if len(plans) > MAX_REGION_PLANS:
-        return None
-    options = []
-    for chosen in plans:
-        covered = 0
-        kept: set[int] = set()
-        for index in chosen:
-            covered |= masks[index]
-            kept.update(k for k in candidates[index].inputs if k in local)
-        kept.update(k for k, mask in savers.items() if mask & ~covered)
-        transient = max((sum(problem.storage_bytes[k] for k in candidates[i].internal) for i in chosen), default=0)
-        options.append(_RegionOption(chosen, sum(local[k] for k in kept), transient,
-                                     sum(candidates[i].cost for i in chosen)))
-    return options
-
-
-def _region_signature(problem: Problem, candidates: Sequence[Candidate], local: dict[int, int]) -> tuple:
-    """Equal for regions with the same structure (repeated blocks), so their options are computed once."""
-    if not candidates:
-        return ()
-    base = min(c.start for c in candidates)
-    storage_index: dict[int, int] = {}
-
-    def name(k: int) -> tuple:
-        return (storage_index.setdefault(k, len(storage_index)), problem.storage_bytes[k], k in local)
-
-    parts = []
-    for c in candidates:
-        saved = tuple(tuple(name(k) for k in sorted(problem.saved[n])) for n in c.members)
-        parts.append((c.start - base, c.end - base, c.cost, saved, tuple(name(k) for k in sorted(c.inputs)),
-                      tuple(name(k) for k in sorted(c.internal))))
-    return tuple(parts)
-
-
-def solve_dp(problem: Problem, candidates: Sequence[Candidate], budget_bytes: float | None,
-             ) -> tuple[list[Candidate] | None, str, int]:
-    """Exact plan (within the model below) by per-region enumeration and a knapsack over regions.
-
-    Model: kept bytes = storages shared by several regions (always counted) + each region's own kept
-    storages; peak ≤ kept + the largest recompute transient (an upper bound of ``evaluate``'s peak).
-    For each transient cap T, a knapsack over regions (memory in ``DP_BUCKETS`` steps, rounded up)
-    minimises FLOPs with kept ≤ budget − T. Identical regions (repeated blocks) are enumerated once.
-    Returns (plan or None, status, smallest reachable peak in bytes under this model)."""
-    by_region: dict[int, list[Candidate]] = {}
-    for candidate in candidates:
-        by_region.setdefault(candidate.region, []).append(candidate)
-    owners: dict[int, set[int]] = {}
-    region_of = {n: c.region for c in candidates for n in c.members}
-    for node in problem.nodes:
-        for k in problem.saved[node]:
-            owners.setdefault(k, set()).add(region_of.get(node, -1))
-    for candidate in candidates:
-        for k in candidate.inputs:
-            owners.setdefault(k, set()).add(candidate.region)
-    shared = sum(problem.storage_bytes[k] for k, regions in owners.items() if len(regions) > 1 or -1 in regions)
-    options_by_region: dict[int, list[_RegionOption]] = {}
-    cache: dict[tuple, list[_RegionOption]] = {}
-    for region, members in by_region.items():
-        local = {k: problem.storage_bytes[k] for k, regions in owners.items() if regions == {region}}
-        signature = _region_signature(problem, members, local)
-        if signature not in cache:
-            options = _region_options(problem, members, local)
-            if options is None:
-                return None, "too many region plans", 0
-            cache[signature] = options
-        options_by_region[region] = cache[signature]
-    regions = sorted(options_by_region)
-    frontier = {r: _pareto(options_by_region[r]) for r in regions}
-    unit = max(problem.baseline_bytes, 1) / DP_BUCKETS
-
-    def knapsack(budget: float) -> tuple[float, list[Candidate]] | None:
-        buckets = int((budget - shared) // unit)
-        if buckets < 0:
-            return None
-        buckets = min(buckets, 4 * DP_BUCKETS)
-        table = np.full(buckets + 1, np.inf)  # least FLOPs with the regions so far keeping exactly m buckets
-        table[0] = 0.0
-        picks: list[np.ndarray] = []
-        for region in regions:
-            new = np.full(buckets + 1, np.inf)
-            pick = np.full(buckets + 1, -1)
-            for i, option in enumerate(frontier[region]):
-                need = math.ceil(option.kept_bytes / unit - 1e-9)
-                # Recomputing this region's segments happens while everything kept up to here is held.
-                limit = buckets - math.ceil(option.transient_bytes / unit - 1e-9)
-                if need > limit:
-                    continue
-                shifted = np.full(buckets + 1, np.inf)
-                shifted[need:limit + 1] = table[:limit + 1 - need] + option.cost
-                better = shifted < new
-                new[better] = shifted[better]
-                pick[better] = i
-            if not np.isfinite(new).any():
-                return None
-            table = new
-            picks.append(pick)
-        m = int(np.argmin(table))
-        flops = float(table[m])
-        plan: list[Candidate] = []
-        for position in range(len(regions) - 1, -1, -1):
-            region = regions[position]
-            option = frontier[region][int(picks[position][m])]
-            plan.extend(by_region[region][i] for i in option.chosen)
-            m -= math.ceil(option.kept_bytes / unit - 1e-9)
-        return flops, sorted(plan, key=lambda c: c.start)
-
-    if budget_bytes is None:
-        low, high = shared, float(problem.baseline_bytes) * 1.5 + shared
-        if knapsack(high) is None:
-            return None, "smallest", int(high)
-        for _ in range(30):  # bisection on the budget: feasibility is monotone
-            middle = (low + high) / 2
-            low, high = (low, middle) if knapsack(middle) is not None else (middle, high)
-            if high - low < unit:
-                break
-        return None, "smallest", math.ceil(high)
-    solved = knapsack(budget_bytes)
-    if solved is None:
-        return None, "infeasible", 0
-    return solved[1], "dp", 0
-
-
-def _pareto(options: Sequence[_RegionOption]) -> list[_RegionOption]:
-    """Options not dominated in (kept bytes, transient, FLOPs)."""
-    kept: list[_RegionOption] = []
-    for option in sorted(options, key=lambda o: (o.cost, o.kept_bytes, o.transient_bytes)):
-        if not any(k.kept_bytes <= option.kept_bytes and k.transient_bytes <= option.transient_bytes
-                   for k in kept):
-            kept.append(option)
-    return kept
-
-
-def optimise(problem: Problem, candidates: Sequence[Candidate], budget_bytes: float) -> tuple[list[Candidate] | None, str]:
-    """The cheapest plan whose predicted peak fits ``budget_bytes``: the region DP, else (a region with
-    too many plans) the greedy fallback. None when nothing fits."""
-    plan, status, _ = solve_dp(problem, candidates, budget_bytes)
-    if plan is not None:
-        if evaluate(problem, plan).peak_bytes <= budget_bytes:
-            return plan, "dp"
-    if status == "infeasible":
-        return None, "dp"
-    plan = solve_greedy(problem, candidates, budget_bytes)
-    fits = evaluate(problem, plan).peak_bytes <= budget_bytes
-    return (plan if fits else None), "greedy"
-
-
-def smallest_peak(problem: Problem, candidates: Sequence[Candidate]) -> int:
-    """The smallest predicted peak (bytes) the solvers reach over ``candidates``: a budget at least
-    this large is met."""
-    _, status, smallest = solve_dp(problem, candidates, None)
-    if status == "too many region plans":
-        return evaluate(problem, solve_greedy(problem, candidates, None)).peak_bytes
-    return smallest
+        extra = prefetched(candidate.region) if on_host else 0
+        peak = max(peak, alive(candidate.start) + recomputed + extra)
+    for region in sorted({r for r in host_by_region} | {r + 1 for r in host_by_region}):
+        if 0 <= region < len(problem.regions):
+            end = problem.position[problem.regions[region][1][-1]]
+            peak = max(peak, alive(end) + prefetched(region))
+    return Evaluation(retained, peak, sum(c.flops for c in plan), sum(c.cost for c in plan),
+                      sum(host_by_region.values()))

@@ -10,7 +10,7 @@ graphs) become ``_call_module(module, *args)`` with the module fetched by a ``ge
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -94,6 +94,20 @@ def is_random(node: torch.fx.Node) -> bool:
 def extract_segment(gm: torch.fx.GraphModule, members: Sequence[torch.fx.Node], index: int) -> torch.fx.Node:
     """Replace ``members`` (graph order, a segment as ``segment_members`` returns it) by one call of a
     new ``CheckpointedSegment`` registered as ``remat_segment_<index>``. Returns the call node."""
+    random = any(is_random(n) for n in members)
+    call = extract_subgraph(gm, members, f"{SEGMENT_PREFIX}{index}", f"RematSegment{index}",
+                            lambda body, inputs: CheckpointedSegment(body, preserve_rng_state=random))
+    call.meta["remat_segment"] = index
+    return call
+
+
+def extract_subgraph(gm: torch.fx.GraphModule, members: Sequence[torch.fx.Node], name: str, class_name: str,
+                     wrap: Callable[[torch.fx.GraphModule, list[torch.fx.Node]], torch.nn.Module]) -> torch.fx.Node:
+    """Replace ``members`` (graph order, contiguous up to nodes they do not use) by one ``call_module`` of
+    ``wrap(body, inputs)`` registered as ``name``: ``body`` is a stateless GraphModule over ``members`` whose
+    placeholders are ``inputs`` (the parent nodes the members read, in order of first use) followed by one
+    per submodule the members call. Outputs the parent still uses are read back through ``getitem`` nodes
+    (``meta["remat_source"]`` names the node each replaces). Returns the call node."""
     member_set = set(members)
     inputs: list[torch.fx.Node] = []
     for node in members:
@@ -124,22 +138,20 @@ def extract_segment(gm: torch.fx.GraphModule, members: Sequence[torch.fx.Node], 
         for placeholder in [n for n in body_graph.nodes if n.op == "placeholder"]:
             first_compute.prepend(placeholder)
     body_graph.output(tuple(env[n] for n in outputs))
-    body = torch.fx.GraphModule(torch.nn.Module(), body_graph, f"RematSegment{index}")
-    segment = CheckpointedSegment(body, preserve_rng_state=any(is_random(n) for n in members))
-    name = f"{SEGMENT_PREFIX}{index}"
-    gm.add_module(name, segment)
+    body = torch.fx.GraphModule(torch.nn.Module(), body_graph, class_name)
+    gm.add_module(name, wrap(body, inputs))
 
     following = members[-1].next  # everything new goes, in order, between the last member and this
     replacements = []
     with gm.graph.inserting_before(following):
         module_getters = [gm.graph.get_attr(target) for target in module_inputs.values()]
         call = gm.graph.call_module(name, tuple(inputs) + tuple(module_getters))
-        call.meta["remat_segment"] = index
         if members[0].meta.get("nn_module_stack"):
             call.meta["nn_module_stack"] = dict(members[0].meta["nn_module_stack"])
         for position, node in enumerate(outputs):
             item = gm.graph.call_function(operator.getitem, (call, position))
             item.meta = dict(node.meta)
+            item.meta["remat_source"] = node.meta.get("remat_source", node.name)
             replacements.append((node, item))
     for node, item in replacements:
         node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in member_set)

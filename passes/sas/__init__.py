@@ -1,219 +1,100 @@
-"""``sas``: structured attention sparsification — make every attention block-sparse.
+"""``sas``: structured attention sparsification — token-exact sparse patterns computed tile by tile.
 
-1. Find each attention (``scaled_dot_product_attention``, or the explicit
-   ``matmul → [scale] → [mask] → softmax → [dropout] → matmul``) with the shared matcher, and read its scale,
-   mask (additive, boolean, or ``masked_fill(-inf)``), dropout, causality and GQA sharing.
-2. Replace it with a call to a ``SparseAttention`` module installed at ``<attention module>.sas`` that takes
-   ``(query, key, value, attn_mask, scale)``; the chain it replaces is removed.
-3. Run the model once (dense, no grad) to see each attention's shape and mask. A mask that admits nothing
-   above the diagonal makes the attention causal (only tiles on/below the diagonal are candidates); a mask
-   that *is* the causal mask and depends only on shapes (Hugging Face's SDPA path passes one instead of
-   ``is_causal``) is dropped, so kernels skip masking on full tiles.
-4. Choose each head's tile mask: a fixed pattern (``local``, ``block``, ``strided``, ``global``, ``mixed``,
-   ``dense``) or ``importance``: ``calib_steps`` forward/backward passes scoring each tile by Σ|A|·|∂L/∂A|,
-   keeping the diagonal and the top tiles up to ``density`` of the candidate tiles.
-5. The mask is a buffer of the module (saved with it); ``backend=auto`` runs FlexAttention on CUDA and the
-   block-gather kernel elsewhere (see ``_sas_kernels``). Approximate: verification reports the error.
+1. Match every attention (``rewrite/patterns.py``: SDPA, the explicit matmul-softmax-matmul form including
+   the ``bmm`` form with heads folded into the batch, ``nn.MultiheadAttention`` calls); the record lists each
+   candidate that did not match and why.
+2. Plan each (``rewrite.plan_site``: scale, masks, dropout, causality, GQA) and observe it once on the example
+   inputs (lengths, heads, what its mask is). Cross-attention (query and key from different sources or of
+   different lengths) stays dense unless ``cross=true``.
+3. Build each attention's token mask (``patterns.py``) and check it: a pattern that leaves a query with no
+   key is an error; one that keeps every pair leaves the attention as it is (``changed=False`` when all do).
+4. Replace the attention with a ``SparseAttention`` module at ``<attention path>.sas``; downstream ``view``s
+   of its output become ``reshape``s. ``importance``: ``calib_steps`` dense forward/backward passes score
+   tiles by Σ|A|·|∂L/∂A|, then each module keeps ``density`` of them (``warmup``: dense training passes
+   first).
+5. Run the sparse model twice on the example inputs: the first run builds each mask's kernel data once per
+   (mask, shape, device) — shared by layers and steps — and the second times the attention; the record
+   has token and tile densities, kernels, mask-building and attention times. The plan is a ``SasPlan``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import operator
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.fx
-import torch.nn.functional as F
 
 from effcompile.errors import OptionError, PassError
-from effcompile.graph import depends_on_input_data, finalize, set_submodule
+from effcompile.graph import depends_on_input_data, finalize, module_path
 from effcompile.pass_manager import Pass, PassRecord, register
-from effcompile.patterns import AttentionSite, find_attention
+from effcompile.patterns import find_linears, match_attention
 from effcompile.program import Program
 
-from .kernels import BACKENDS, SparseAttention
-from .patterns import (
-    candidate_tiles,
-    fixed_pattern,
-    head_patterns,
-    select_important_tiles,
-    tile_density,
+from .kernels import BACKENDS
+from .module import MaskCache, SparseAttention
+from .patterns import HEAD_PATTERNS, PATTERNS, HeadPattern, TokenMask, head_pattern, head_patterns
+from .plan import SasPlan, SasSite
+from .rewrite import (
+    Observation,
+    SitePlan,
+    cross_reason,
+    install,
+    observe,
+    plan_site,
+    reshape_downstream_views,
 )
 
 log = logging.getLogger(__name__)
-aten = torch.ops.aten
-
-PATTERNS = ("local", "block", "strided", "global", "mixed", "importance", "dense")
-HEAD_PATTERNS = ("local", "block", "strided", "global", "dense")
-_ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
-_DTYPE_OPS = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.to.dtype_layout}
-_DTYPE_METHODS = {"to", "type_as", "float", "half", "bfloat16", "clone"}
-_MUL = {operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar, "mul"}
-_DIV = {operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar, "div"}
-_ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
-_MASKED_FILL = {aten.masked_fill.Scalar, torch.masked_fill, "masked_fill"}
-_DROPOUT = {F.dropout, aten.dropout.default}
-# masked_fill values at or below this count as "masked out" (HF uses finfo.min, others -1e4 or -inf).
-_MASKED_VALUE = -1e4
 
 
 @dataclass
-class _Plan:
-    """How one attention maps onto ``SparseAttention``'s arguments."""
-
-    site: AttentionSite
-    key_transposed: bool = False
-    mask: Any = None
-    mask_kind: str | None = None  # "additive" | "bool" | "fill" (masked_fill: True = masked out)
-    mask_scale: float = 1.0
-    scale: float | None = None
-    scale_ops: list[tuple[str, Any]] = field(default_factory=list)  # runtime (op, node) scale factors
-    dropout_p: float = 0.0
-    causal: bool = False
-    chain: list[torch.fx.Node] = field(default_factory=list)
-
-
-def _is_call(node: Any, targets: set) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_function":
-        return node.target in targets
-    return node.op == "call_method" and node.target in targets
-
-
-def _plan_sdpa(site: AttentionSite) -> _Plan | str:
-    if site.scale is not None and not isinstance(site.scale, (int, float)):
-        return "the scale is computed at run time"
-    plan = _Plan(site, mask=site.attn_mask, scale=None if site.scale is None else float(site.scale),
-                 dropout_p=site.dropout_p, causal=site.is_causal, chain=[site.node])
-    if isinstance(site.attn_mask, torch.fx.Node):
-        plan.mask_kind = "auto"  # bool or additive: the module decides from the tensor's dtype
-    elif site.attn_mask is not None:
-        return "attn_mask is not a tensor"
-    return plan
-
-
-def _plan_explicit(site: AttentionSite) -> _Plan | str:
-    plan = _Plan(site, key_transposed=True, scale=1.0, chain=[site.node])
-    current = site.node.args[0]
-    while isinstance(current, torch.fx.Node) and not _is_softmax(current):
-        plan.chain.append(current)
-        if _is_call(current, _DROPOUT):
-            p = current.args[1] if len(current.args) > 1 else current.kwargs.get("p", 0.5)
-            train = current.args[2] if len(current.args) > 2 else current.kwargs.get("training", current.kwargs.get("train", True))
-            if not isinstance(p, (int, float)) or not isinstance(train, bool):
-                return "dropout probability is computed at run time"
-            plan.dropout_p = float(p) if train else 0.0
-        elif not (_is_call(current, _DTYPE_OPS) or _is_call(current, _DTYPE_METHODS)):
-            return f"unsupported op {current.target} between softmax and the value matmul"
-        current = current.args[0]
-    softmax = current
-    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim", -1)
-    shape = softmax.meta.get("val").shape if hasattr(softmax.meta.get("val"), "shape") else None
-    if dim != -1 and not (shape is not None and dim == len(shape) - 1):
-        return f"softmax over dim {dim}, not the last"
-    plan.chain.append(softmax)
-    ops: list[torch.fx.Node] = []
-    current = softmax.args[0]
-    while isinstance(current, torch.fx.Node) and tuple(current.args[:2]) != (site.query, site.key):
-        ops.append(current)
-        current = current.args[0] if current.args else None
-    if not isinstance(current, torch.fx.Node):
-        return "the score matmul was not found"
-    plan.chain.append(current)
-    for node in reversed(ops):  # score matmul → softmax order
-        plan.chain.append(node)
-        other = node.args[1] if len(node.args) > 1 else None
-        if _is_call(node, _MUL) or _is_call(node, _DIV):
-            divide = _is_call(node, _DIV)
-            if isinstance(other, (int, float)):
-                factor = 1.0 / other if divide else float(other)
-                plan.scale = (plan.scale or 1.0) * factor
-                plan.mask_scale *= factor if plan.mask_kind == "additive" else 1.0
-            elif isinstance(other, torch.fx.Node) and _numel(other) in (None, 1):
-                if plan.mask_kind == "additive":
-                    return "a run-time scale after an additive mask"
-                plan.scale_ops.append(("div" if divide else "mul", other))
-            else:
-                return "scores multiplied by a tensor"
-        elif _is_call(node, _ADD):
-            if plan.mask is not None:
-                return "more than one mask"
-            plan.mask, plan.mask_kind = other, "additive"
-        elif _is_call(node, _MASKED_FILL):
-            value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-            if plan.mask is not None:
-                return "more than one mask"
-            if not isinstance(value, (int, float)) or value > _MASKED_VALUE:
-                return f"masked_fill with value {value!r} (only large negative values mask)"
-            plan.mask, plan.mask_kind = other, "fill"
-        elif not (_is_call(node, _DTYPE_OPS) or _is_call(node, _DTYPE_METHODS)):
-            return f"unsupported op {node.target} between the score matmul and softmax"
-    return plan
-
-
-def _is_softmax(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in {torch.softmax, F.softmax, aten._softmax.default,
-                                                            aten.softmax.int, torch.Tensor.softmax}) or \
-        (node.op == "call_method" and node.target == "softmax")
-
-
-def _numel(node: torch.fx.Node) -> int | None:
-    value = node.meta.get("val")
-    if isinstance(value, torch.Tensor):
-        return value.numel()
-    return None if value is None or not isinstance(value, (int, float)) else 1
-
-
-def _unique_target(gm: torch.fx.GraphModule, path: str) -> str:
-    base = f"{path}.sas" if path else "sas"
-    target, index = base, 1
-    while _has_attr(gm, target):
-        target, index = f"{base}_{index}", index + 1
-    return target
-
-
-def _has_attr(gm: torch.nn.Module, target: str) -> bool:
-    value: Any = gm
-    for part in target.split("."):
-        if not hasattr(value, part):
-            return False
-        value = getattr(value, part)
-    return True
+class _Accepted:
+    plan: SitePlan
+    observation: Observation
+    causal: bool
+    heads: tuple[HeadPattern, ...]
+    cross: str | None
 
 
 @register
 class StructuredAttentionSparsity(Pass):
-    """Make attention block-sparse with per-head tile masks (fixed patterns or importance-learned)."""
+    """Make attention sparse with token-exact per-head patterns (fixed or importance-learned) computed by tiles."""
 
     name = "sas"
-    summary = "block-sparse attention: fixed or importance-learned tile masks, FlexAttention/block-gather kernels"
+    summary = "sparse attention: token-exact local/block/strided/global/mixed or learned tile masks, tile kernels"
     exact = False
 
     @dataclass(frozen=True)
     class Config:
         pattern: Literal["local", "block", "strided", "global", "mixed", "importance", "dense"] = field(
-            default="local", metadata={"help": "tile pattern per head: local window, block-diagonal, strided, "
-                                               "global+local, mixed (per-head list), importance (learned), dense"})
+            default="local", metadata={"help": "per head: local window, block, strided, global+local, mixed "
+                                               "(per-head list), importance (learned tiles), dense (rewrite check)"})
         density: float = field(default=0.25, metadata={
             "help": "importance: fraction of the candidate (causal) tiles kept per head, diagonal included"})
-        block_size: int = field(default=128, metadata={"help": "tile size in tokens (queries and keys)"})
-        window: int = field(default=512, metadata={"help": "local/global/mixed: window in tokens"})
-        block: int = field(default=512, metadata={"help": "block: tokens per block (a multiple of block_size)"})
-        stride: int = field(default=512, metadata={"help": "strided: stride in tokens (a multiple of block_size)"})
+        block_size: int = field(default=128, metadata={"help": "tile size in tokens: the unit the kernels compute "
+                                                                "(and importance selects)"})
+        window: int = field(default=512, metadata={"help": "local/global: keys within this many tokens (causal: "
+                                                           "the last `window` keys, the query's own included)"})
+        block: int = field(default=512, metadata={"help": "block: tokens per block"})
+        stride: int = field(default=512, metadata={"help": "strided: keys at a distance that is a multiple of this"})
         n_global: int = field(default=128, metadata={"help": "global: leading tokens that attend/are attended everywhere"})
         heads: tuple[str, ...] = field(default=(), metadata={
             "help": "mixed: comma-separated per-head patterns, cycled (default: half local, half strided)"})
+        cross: bool = field(default=False, metadata={
+            "help": "also sparsify cross-attention (query and key from different sources); off: left dense"})
+        group: int = field(default=1, metadata={
+            "help": "importance: query blocks that share one set of earlier key blocks (>1: the flash kernel's "
+                    "groups)"})
         calib_steps: int = field(default=2, metadata={"help": "importance: forward/backward passes to score tiles"})
         warmup: int = field(default=0, metadata={
             "help": "importance: run dense for the first N training forward passes (micro-batches), scoring tiles "
                     "on the training data, then re-select the tiles from those scores (0: keep the tiles scored "
                     "at compile time on the example inputs)"})
-        backend: Literal["auto", "flex", "gather", "reference"] = field(default="auto", metadata={
-            "help": "kernel: auto (flex on CUDA, gather elsewhere), flex, gather, reference (masked SDPA)"})
+        backend: Literal["auto", "flex", "gather", "chunked", "flash", "reference"] = field(default="auto", metadata={
+            "help": "kernel: auto (chunked for block, flex on CUDA, gather elsewhere), flex, gather, chunked, "
+                    "flash (dense flash over gathered tiles), reference (masked SDPA)"})
 
         def __post_init__(self) -> None:
             if self.pattern not in PATTERNS:
@@ -225,13 +106,9 @@ class StructuredAttentionSparsity(Pass):
                                   "set e.g. --set sas.block_size=128")
             if not 0 < self.density <= 1:
                 raise OptionError(f"sas: density {self.density} must be in (0, 1]; set e.g. --set sas.density=0.25")
-            for option in ("window", "block", "stride"):
+            for option in ("window", "block", "stride", "group"):
                 if getattr(self, option) < 1:
-                    raise OptionError(f"sas: {option} {getattr(self, option)} must be at least 1 token")
-            for option in ("block", "stride"):
-                if getattr(self, option) % self.block_size:
-                    raise OptionError(f"sas: {option} {getattr(self, option)} is not a multiple of block_size "
-                                      f"{self.block_size}; set --set sas.{option}=<k·{self.block_size}>")
+                    raise OptionError(f"sas: {option} {getattr(self, option)} must be at least 1")
             if self.n_global < 0:
                 raise OptionError(f"sas: n_global {self.n_global} must be ≥ 0")
             if self.calib_steps < 1:
@@ -241,171 +118,265 @@ class StructuredAttentionSparsity(Pass):
             if self.warmup and self.pattern != "importance":
                 raise OptionError("sas: warmup re-scores the importance pattern; set --set sas.pattern=importance "
                                   "or drop sas.warmup")
+            if self.group > 1 and self.pattern != "importance":
+                raise OptionError("sas: group selects importance tiles; set --set sas.pattern=importance or drop "
+                                  "sas.group")
             bad = [h for h in self.heads if h not in HEAD_PATTERNS]
             if bad:
                 raise OptionError(f"sas: heads lists unknown pattern {bad[0]!r}; use {', '.join(HEAD_PATTERNS)}")
             if self.heads and self.pattern != "mixed":
                 raise OptionError("sas: heads is only used with pattern=mixed; set --set sas.pattern=mixed")
+            if self.backend == "chunked" and self.pattern != "block":
+                raise OptionError("sas: backend=chunked computes the block pattern only; set --set sas.pattern=block "
+                                  "or another backend")
 
     def call(self, program: Program, config: Config) -> PassRecord:
         gm = program.gm
-        sites = find_attention(gm)
+        sites, misses = match_attention(gm)
+        unmatched = [{"node": m.node.name, "path": module_path(m.node), "reason": m.reason} for m in misses if m.node]
         if not sites:
             existing = sum(isinstance(m, SparseAttention) for m in gm.modules())
-            reason = (f"attention is already block-sparse ({existing} sas modules)" if existing else
-                      "no attention found (no scaled_dot_product_attention or matmul-softmax-matmul)")
-            return PassRecord(self.name, changed=False, reason=reason)
-        plans: list[_Plan] = []
+            reason = (f"attention is already sparse ({existing} sas modules)" if existing else
+                      "no attention found (no scaled_dot_product_attention, matmul-softmax-matmul or "
+                      "nn.MultiheadAttention)" + (f"; {len(misses)} candidates did not match, e.g. {misses[0].reason}"
+                                                  if misses else ""))
+            return PassRecord(self.name, changed=False, reason=reason, details={"unmatched": unmatched})
+        plans: list[SitePlan] = []
         skipped: list[dict[str, str]] = []
         for site in sites:
-            plan = _plan_sdpa(site) if site.kind == "sdpa" else _plan_explicit(site)
+            plan = plan_site(site)
             if isinstance(plan, str):
                 skipped.append({"path": site.path, "reason": plan})
             else:
                 plans.append(plan)
-        if not plans:
-            return PassRecord(self.name, changed=False, reason=f"no attention could be rewritten: {skipped[0]['reason']}",
-                              details={"skipped": skipped})
-        installed = [self._install(gm, plan, config) for plan in plans]
-        finalize(gm)
-        self._probe(program, installed)
-        sites_details = []
-        for plan, (_, node, module) in zip(plans, installed):
-            sites_details.append(self._decide_mask(gm, plan, node, module))
-        finalize(gm)
+        try:
+            observations = observe(gm, program.flat_inputs(), plans) if plans else []
+        except RuntimeError as error:
+            raise PassError(f"sas: {error}; give example inputs that reach every attention") from error
+        accepted = self._accept(gm, plans, observations, config, skipped)
+        if not accepted:
+            reason = f"no attention rewritten: {skipped[0]['reason']}" if skipped else "no attention rewritten"
+            return PassRecord(self.name, changed=False, reason=reason,
+                              details={"skipped": skipped, "unmatched": unmatched})
+        self._check_backend(gm, config)
+        sas_plan = SasPlan(skipped=skipped, unmatched=unmatched, pattern=config.pattern, block_size=config.block_size)
+        modules = self._install_all(program, accepted, config, sas_plan)
         if config.pattern == "importance":
-            self._calibrate(program, [m for _, _, m in installed], config.calib_steps)
-        masks: dict[str, torch.Tensor] = {}
-        for detail, (target, _, module) in zip(sites_details, installed):
-            module.tile_mask = self._tile_mask(module, config).to(module.tile_mask.device)
-            module.mode, module.backend, module.importance = "sparse", config.backend, None
-            if config.warmup:
-                module.mode, module.warmup_left, module.density = "warmup", config.warmup, config.density
-            if set(head_patterns(module.observed["heads"], config.pattern, config.heads)) == {"block"}:
-                module.chunk = config.block
-            masks[target] = module.tile_mask.detach().cpu().clone()
-            detail["chunk"] = module.chunk  # >0: backend=auto runs the chunked (dense-over-chunks) kernel
-            detail.update(target=target, tiles=list(module.tile_mask.shape),
-                          density=round(tile_density(module.tile_mask, module.causal), 4),
-                          kept_tiles=int(module.tile_mask.sum()))
-            if module.dropout_p > 0 and config.backend == "flex":
-                raise PassError(f"sas: {detail['path']} uses dropout {module.dropout_p}, which FlexAttention "
-                                "cannot apply; use --set sas.backend=auto or gather")
-        program.meta["sas.block_masks"] = masks
-        density = sum(d["density"] for d in sites_details) / len(sites_details)
-        summary = (f"{len(installed)} attention{'s' if len(installed) > 1 else ''} → block-sparse "
-                   f"{config.pattern}, {density:.0%} of candidate tiles kept (tile {config.block_size})")
-        if skipped:
-            summary += f"; {len(skipped)} skipped"
-        return PassRecord(self.name, changed=True, stats={"attention_sites": len(sites), "rewritten": len(installed),
-                                                          "skipped": len(skipped), "density": round(density, 4)},
-                          details={"summary": summary, "sites": sites_details, "skipped": skipped})
+            self._calibrate(program, [m for _, m in modules], config)
+        for site, module in modules:
+            self._finish_site(site, module, config)
+        self._measure(program, modules)
+        program.set_plan(sas_plan)
+        return self._record(sas_plan, len(sites), config)
 
-    def _install(self, gm: torch.fx.GraphModule, plan: _Plan,
-                 config: Config) -> tuple[str, torch.fx.Node, SparseAttention]:
-        site = plan.site
-        graph = gm.graph
-        exported = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes)
-        module = SparseAttention(config.block_size, plan.causal, plan.scale, plan.dropout_p, "reference")
-        device = next((p.device for p in gm.parameters()), None)
-        if device is not None:  # the tile mask lives with the model (FlexAttention needs it on the GPU)
-            module.to(device)
-        module.mode = "probe"
-        target = _unique_target(gm, site.path)
-        set_submodule(gm, target, module)
-        with graph.inserting_before(site.node):
-            key = site.key
-            if plan.key_transposed:
-                key = graph.call_function(aten.transpose.int if exported else torch.transpose, (key, -2, -1))
-            mask = plan.mask
-            if plan.mask_kind == "fill":
-                mask = graph.call_function(aten.logical_not.default if exported else torch.logical_not, (mask,))
-            elif plan.mask_kind == "additive" and plan.mask_scale != 1.0:
-                mask = graph.call_function(operator.mul, (mask, plan.mask_scale))
-            scale: Any = None
-            if plan.scale_ops:
-                scale = plan.scale
-                for op, operand in plan.scale_ops:
-                    scale = graph.call_function(operator.truediv if op == "div" else operator.mul, (scale, operand))
-            kwargs: dict[str, Any] = {}
-            if mask is not None:
-                kwargs["attn_mask"] = mask
-            if scale is not None:
-                kwargs["scale"] = scale
-            node = graph.call_module(target, (site.query, key, site.value), kwargs)
-        node.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        site.node.replace_all_uses_with(node)
-        chain = set(plan.chain)
-        for candidate in list(graph.nodes):
-            if candidate.op == "call_function" and candidate.target in _ASSERTIONS and \
-                    any(arg in chain for arg in candidate.all_input_nodes) and not candidate.users:
-                graph.erase_node(candidate)
-        # Erase the replaced chain explicitly: dead-code elimination keeps random ops (SDPA, dropout).
-        for candidate in reversed(list(graph.nodes)):
-            if candidate in chain and not candidate.users:
-                graph.erase_node(candidate)
-        return target, node, module
+    def _accept(self, gm: torch.fx.GraphModule, plans: list[SitePlan], observations: list[Observation],
+                config: Config, skipped: list[dict[str, str]]) -> list[_Accepted]:
+        """The attentions to rewrite: self-attention (or cross with ``cross``) whose mask drops some pair."""
+        linears = {site.node: site for site in find_linears(gm)}
+        accepted = []
+        for plan, observation in zip(plans, observations):
+            cross = cross_reason(plan, observation, linears)
+            if cross and not config.cross:
+                skipped.append({"path": plan.site.path, "reason": f"cross-attention ({cross}): left dense; set "
+                                "--set sas.cross=true to sparsify it"})
+                continue
+            causal = plan.causal or bool(observation.mask and observation.mask["within_causal"])
+            names = head_patterns(observation.heads, config.pattern, config.heads)
+            unique = list(dict.fromkeys(names))
+            heads = tuple(head_pattern(n, window=config.window, block=config.block, stride=config.stride,
+                                       n_global=config.n_global) for n in (unique if len(unique) == 1 else names))
+            keeps_all = self._keeps_every_pair(heads, causal, observation, config, plan.site.path or plan.site.node.name)
+            if keeps_all:
+                skipped.append({"path": plan.site.path, "reason": keeps_all})
+                continue
+            accepted.append(_Accepted(plan, observation, causal, heads, cross))
+        return accepted
 
-    def _probe(self, program: Program, installed: list[tuple[str, torch.fx.Node, SparseAttention]]) -> None:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            program.run()
-        missing = [target for target, _, module in installed if not module.observed]
-        if missing:
-            raise PassError(f"sas: attention {missing[0]} did not run on the example inputs; "
-                            "give inputs that reach every attention")
+    def _keeps_every_pair(self, heads: tuple[HeadPattern, ...], causal: bool, observation: Observation,
+                          config: Config, path: str) -> str | None:
+        """Why the pattern leaves this attention as it is (it keeps every pair), or None. Raises PassError when
+        the pattern leaves some query with no key."""
+        query_len, key_len = observation.query_len, observation.key_len
+        if config.pattern == "importance":
+            return "pattern=importance with density 1 keeps every tile (attention unchanged)" \
+                if config.density >= 1 else None
+        if config.pattern == "dense":
+            return None  # a check of the rewrite itself: always rewritten
+        stats = TokenMask(heads, causal, config.block_size).stats(query_len, key_len)
+        if stats.empty_queries:
+            raise PassError(f"sas: pattern {config.pattern} leaves {stats.empty_queries} (head, query) pairs of "
+                            f"{path} ({query_len}×{key_len} tokens) with no key to attend; widen sas.window or use "
+                            "another pattern")
+        if stats.kept_pairs == stats.candidate_pairs:
+            return (f"pattern {config.pattern} keeps every token pair at {query_len}×{key_len} tokens "
+                    f"(window {config.window}, block {config.block}): attention unchanged")
+        return None
 
-    def _decide_mask(self, gm: torch.fx.GraphModule, plan: _Plan, node: torch.fx.Node,
-                     module: SparseAttention) -> dict[str, Any]:
-        observed = module.observed
-        mask_info = observed.get("mask")
-        mask_handling = "none"
-        if mask_info is not None:
-            if mask_info["within_causal"]:
-                module.causal = True
-            mask_node = node.kwargs.get("attn_mask")
-            data_dependent = isinstance(mask_node, torch.fx.Node) and depends_on_input_data(mask_node)
-            if mask_info["exactly_causal"] and not data_dependent:
-                node.update_kwarg("attn_mask", None)
-                mask_handling = "causal mask replaced by causal tiles"
-            else:
-                mask_handling = f"{mask_info['kind']} mask applied within kept tiles"
-        return {"path": plan.site.path, "kind": plan.site.kind, "heads": observed["heads"],
-                "kv_heads": observed["kv_heads"], "query_len": observed["query_len"], "key_len": observed["key_len"],
-                "causal": module.causal, "mask": mask_handling, "dropout_p": module.dropout_p}
+    def _check_backend(self, gm: torch.fx.GraphModule, config: Config) -> None:
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        if config.backend == "flex" and device.type == "cuda" and config.block_size % 128:
+            raise PassError(f"sas: backend=flex cannot run {config.block_size}-token tiles on CUDA (compiled "
+                            "FlexAttention needs multiples of 128); set --set sas.block_size=128 or backend=auto")
 
-    def _calibrate(self, program: Program, modules: list[SparseAttention], steps: int) -> None:
-        for module in modules:
-            module.mode, module.importance = "calibrate", None
+    def _install_all(self, program: Program, accepted: list[_Accepted], config: Config,
+                     sas_plan: SasPlan) -> list[tuple[SasSite, SparseAttention]]:
         gm = program.gm
+        exported = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+        device = next((p.device for p in gm.parameters()), None)
+        cache = MaskCache()  # shared by every layer with the same mask
+        installed = []
+        for item in accepted:
+            plan, observation = item.plan, item.observation
+            if plan.dropout_p > 0 and config.backend in ("flex", "flash"):
+                raise PassError(f"sas: {plan.site.path} uses dropout {plan.dropout_p}, which backend={config.backend} "
+                                "cannot apply; use --set sas.backend=auto or gather")
+            module = SparseAttention(config.block_size, item.causal, plan.scale, plan.dropout_p, config.backend,
+                                     head_patterns=item.heads, heads_in_batch=plan.site.heads_in_batch, cache=cache)
+            if device is not None:
+                module.to(device)
+            target, node = install(gm, plan, module, exported)
+            mask_handling = self._mask_handling(node, observation, plan)
+            views = reshape_downstream_views(gm.graph, node)
+            site = SasSite(target, plan.site.path, plan.site.kind, observation.heads, observation.kv_heads,
+                           observation.query_len, observation.key_len, item.causal,
+                           tuple(h.name for h in item.heads), mask_handling, 0.0, 0.0, 0, 0, views_reshaped=views)
+            if item.cross:
+                site.mask += f"; cross-attention ({item.cross}), sparsified as sas.cross=true asks"
+            installed.append((site, module))
+            sas_plan.sites.append(site)
+        finalize(gm)
+        return installed
+
+    def _mask_handling(self, node: torch.fx.Node, observation: Observation, plan: SitePlan) -> str:
+        info = observation.mask
+        if info is None:
+            return "none"
+        data_dependent = any(depends_on_input_data(n) for n in plan.mask_nodes)
+        if info["exactly_causal"] and not data_dependent:
+            node.update_kwarg("attn_mask", None)
+            return "causal mask replaced by causal tiles"
+        return f"{info['kind']} mask applied within kept tiles"
+
+    def _calibrate(self, program: Program, modules: list[SparseAttention], config: Config) -> None:
+        for module in modules:
+            module.calibrate()
         with torch.random.fork_rng(devices=[]):
-            for _ in range(steps):
+            for _ in range(config.calib_steps):
                 objective = program.objective(program.run())
                 if not objective.requires_grad:
                     raise PassError("sas: pattern=importance needs a differentiable loss, but the objective "
                                     "has no gradient; unfreeze parameters or use a fixed pattern")
                 objective.backward()
-        for parameter in gm.parameters():
+        for parameter in program.gm.parameters():
             parameter.grad = None
         for module in modules:
             if module.importance is None:
                 raise PassError("sas: no gradient reached an attention during calibration; "
                                 "use a fixed pattern such as --set sas.pattern=local")
+            module.select(config.density, config.group)
+            if config.warmup:
+                module.start_warmup(config.warmup, config.density, config.group)
 
-    def _tile_mask(self, module: SparseAttention, config: Config) -> torch.Tensor:
-        observed = module.observed
-        rows = math.ceil(observed["query_len"] / config.block_size)
-        cols = math.ceil(observed["key_len"] / config.block_size)
-        if config.pattern == "importance":
-            assert module.importance is not None
-            return select_important_tiles(module.importance, module.causal, config.density)
-        patterns = head_patterns(observed["heads"], config.pattern, config.heads)
-        if len(set(patterns)) == 1:
-            tiles = fixed_pattern(patterns[0], rows, cols, config.block_size, module.causal, window=config.window,
-                                  block=config.block, stride=config.stride, n_global=config.n_global)
-            return tiles[None]
-        return torch.stack([fixed_pattern(p, rows, cols, config.block_size, module.causal, window=config.window,
-                                          block=config.block, stride=config.stride, n_global=config.n_global)
-                            for p in patterns])
+    def _finish_site(self, site: SasSite, module: SparseAttention, config: Config) -> None:
+        """Densities at the compiled lengths, and the tile buffer of fixed patterns (for the record)."""
+        mask = module.mask
+        stats = mask.stats(site.query_len, site.key_len)
+        classes = mask.tile_classes(site.query_len, site.key_len)
+        if config.pattern != "importance":
+            module.set_pattern(module.head_patterns, classes.kept)
+        site.token_density = round(stats.token_density, 4)
+        site.tile_density = round(stats.tile_density, 4)
+        site.kept_tiles, site.partial_tiles = stats.kept_tiles, stats.partial_tiles
+
+    def _measure(self, program: Program, modules: list[tuple[SasSite, SparseAttention]]) -> None:
+        """Run twice (no gradients): the first run builds the masks' kernel data (timed by the cache), the
+        second times each attention."""
+        if any(module.state != "sparse" for _, module in modules):
+            return  # warming up: the masks are built after the warm-up
+        first_builder: dict[tuple, str] = {}
+        handles = []
+        for site, module in modules:
+            handles.append(module.register_forward_pre_hook(_before(site, module), with_kwargs=True))
+            handles.append(module.register_forward_hook(_after_first(site, module, first_builder)))
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                try:
+                    program.run()
+                except RuntimeError as error:
+                    if not str(error).startswith("sas:"):
+                        raise
+                    raise PassError(str(error)) from error
+                for handle in handles:
+                    handle.remove()
+                handles, started = [], {}
+                for site, module in modules:
+                    handles.append(module.register_forward_pre_hook(_start_timer(site, started)))
+                    handles.append(module.register_forward_hook(_stop_timer(site, started)))
+                program.run()
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _record(self, sas_plan: SasPlan, candidates: int, config: Config) -> PassRecord:
+        sites = sas_plan.sites
+        token = sum(s.token_density for s in sites) / len(sites)
+        tile = sum(s.tile_density for s in sites) / len(sites)
+        build_ms = sum(s.mask_build_ms or 0.0 for s in sites)
+        attention_ms = sum(s.attention_ms or 0.0 for s in sites)
+        summary = (f"{len(sites)} attention{'s' if len(sites) > 1 else ''} → sparse {config.pattern}: "
+                   f"{token:.1%} of token pairs, {tile:.1%} of tiles computed (tile {config.block_size})")
+        two_sided = [s for s in sites if not s.causal and {"local", "global"} & set(s.patterns)]
+        if two_sided:
+            summary += f"; {len(two_sided)} non-causal (encoder) attentions: the window is two-sided"
+        if sas_plan.skipped:
+            summary += f"; {len(sas_plan.skipped)} left dense ({sas_plan.skipped[0]['reason']})"
+        if build_ms:
+            summary += f"; masks built in {build_ms:.1f} ms once, attention {attention_ms:.1f} ms per forward"
+        stats = {"attention_sites": candidates, "rewritten": len(sites), "skipped": len(sas_plan.skipped),
+                 "unmatched": len(sas_plan.unmatched), "density": round(tile, 4), "token_density": round(token, 4),
+                 "tile_density": round(tile, 4), "mask_build_ms": round(build_ms, 3),
+                 "attention_ms": round(attention_ms, 3)}
+        details = {"summary": summary, "sites": [vars(s) for s in sites], "skipped": sas_plan.skipped,
+                   "unmatched": sas_plan.unmatched}
+        return PassRecord(self.name, changed=True, stats=stats, details=details)
 
 
-__all__ = ["StructuredAttentionSparsity", "SparseAttention", "candidate_tiles"]
+def _sync(module: torch.nn.Module) -> None:
+    buffer = module.get_buffer("tile_mask")
+    if buffer.is_cuda:
+        torch.cuda.synchronize(buffer.device)
+
+
+def _before(site: SasSite, module: SparseAttention) -> Any:
+    def hook(_: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        site.backend = module.resolve_backend(args[0], args[1], kwargs.get("attn_mask"))
+    return hook
+
+
+def _after_first(site: SasSite, module: SparseAttention, first_builder: dict[tuple, str]) -> Any:
+    def hook(_: torch.nn.Module, args: tuple, output: Any) -> None:
+        built = {k: v for k, v in module.cache.build_ms.items() if k not in first_builder}
+        for key in built:
+            first_builder[key] = site.target
+        site.mask_build_ms = round(sum(built.values()), 3) if built else None
+        if not built:
+            mine = [k for k in first_builder if k[0] != "classes" and k[-1] == module.mask.key]
+            site.mask_shared_with = first_builder[mine[0]] if mine else None
+    return hook
+
+
+def _start_timer(site: SasSite, started: dict[str, float]) -> Any:
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        _sync(module)
+        started[site.target] = time.perf_counter()
+    return hook
+
+
+def _stop_timer(site: SasSite, started: dict[str, float]) -> Any:
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        _sync(module)
+        site.attention_ms = round((time.perf_counter() - started[site.target]) * 1000, 3)
+    return hook
+
+
+__all__ = ["StructuredAttentionSparsity", "SparseAttention", "SasPlan", "SasSite", "TokenMask"]

@@ -4,13 +4,13 @@ print the report, exit with a clear code (0 ok, 1 verification failed, 2 bad inp
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import EffcompileError, OptionError
+from ..errors import OptionError
+from .common import configure_logging, console, parse_device, run_guarded, spec_to_device
 
 EXPORT_KINDS = ("onnx", "onnx-eval")
 
@@ -56,59 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         configure_logging("--debug" in argv)
-        return _run_guarded(lambda: _train(argv[1:]), "--debug" in argv)
+        return run_guarded(lambda: _train(argv[1:]), "--debug" in argv)
     args = build_parser().parse_args(argv)
     configure_logging(args.debug)
-    return _run_guarded(lambda: _main(args), args.debug)
-
-
-def configure_logging(debug: bool) -> None:
-    """effcompile's own log at WARNING (DEBUG with --debug); torch's and transformers' chatter (graph dumps,
-    symbolic-shape warnings, deprecations) only with --debug, so errors stay one line."""
-    import warnings
-
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(name)s: %(message)s")
-    if debug:
-        return
-    for name in ("torch", "transformers", "onnxscript", "onnx_ir"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    for category in (FutureWarning, DeprecationWarning, UserWarning):
-        warnings.filterwarnings("ignore", category=category)
-    try:
-        import torch._logging
-
-        torch._logging.set_logs(all=logging.CRITICAL)
-    except (ImportError, AttributeError):  # pragma: no cover - older torch
-        pass
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-
-
-def _run_guarded(function: Any, debug: bool) -> int:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    try:
-        return int(function() or 0)
-    except EffcompileError as error:
-        if debug:
-            raise
-        console.print(f"[bold red]effcompile: error:[/bold red] {error}", highlight=False, soft_wrap=True)
-        return error.exit_code
-    except KeyboardInterrupt:
-        console.print("effcompile: interrupted")
-        return 130
-    except Exception as error:  # a bug: one line unless --debug
-        if debug:
-            raise
-        message = str(error).splitlines()[0] if str(error) else ""
-        console.print(f"[bold red]effcompile: internal error:[/bold red] {type(error).__name__}: {message[:300]} "
-                      "(rerun with --debug for the traceback)", highlight=False, soft_wrap=True)
-        return 3
+    return run_guarded(lambda: _main(args), args.debug)
 
 
 def _train(argv: list[str]) -> int:
@@ -131,15 +82,8 @@ def _list_passes() -> int:
         options = "\n".join(f"{o['name']}={o['default']!r} ({o['type']}){': ' + o['help'] if o['help'] else ''}"
                             for o in row["options"]) or "-"
         table.add_row(row["name"], "exact" if row["exact"] else "approximate", row["summary"], options)
-    _console().print(table)
+    console().print(table)
     return 0
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    # Logs and CI are not terminals: give tables room instead of rich's 80 columns.
-    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -179,7 +123,7 @@ def _run(args: argparse.Namespace, claim: Any) -> int:
     device = parse_device(args.device)
     spec = resolve_spec(args.model, args.model_arg, args.batch, args.seq)
     if device.type != "cpu":
-        spec = _to_device(spec, device)
+        spec = spec_to_device(spec, device)
     result = compile_model(spec, passes=passes, options=options, verify=not args.no_verify,
                            max_error=args.max_error, capture_path=args.capture,
                            dynamic_batch=not args.static_batch)
@@ -188,30 +132,8 @@ def _run(args: argparse.Namespace, claim: Any) -> int:
     if args.json:
         print(result.report.to_json())
     else:
-        render(result.report, _console())
+        render(result.report, console())
     return 0
-
-
-def parse_device(name: str) -> Any:
-    """``--device`` as a ``torch.device``; OptionError for a bad name or an absent CUDA device."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise OptionError(f"--device {name!r} is not a device; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA device is available here; use --device cpu")
-    return device
-
-
-def _to_device(spec: Any, device: Any) -> Any:
-    from torch.utils import _pytree as pytree
-
-    spec.module.to(device)
-    move = lambda t: t.to(device) if hasattr(t, "to") else t  # noqa: E731
-    spec.args, spec.kwargs = pytree.tree_map(move, spec.args), pytree.tree_map(move, spec.kwargs)
-    return spec
 
 
 def _write(result: Any, args: argparse.Namespace, claim: Any) -> None:

@@ -8,8 +8,6 @@ byte-level corpus with a progress bar (loss, tokens/s), periodic validation, che
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError, SpecError
-from .main import parse_device
+from ..train.config import LOSS_CURVE, LOSS_PLOT, RUN_FILES, STEP_LOG
+from .common import console, parse_device, spec_to_device
 
 log = logging.getLogger(__name__)
 # What marks a folder (or its module/) written by `effcompile --out`; structure.pt is the old pickle
@@ -76,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     parser.add_argument("--force", action="store_true", help="start over in a --out folder that holds a run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", default=defaults.compile, choices=("auto", "on", "off"),
+                        help="torch.compile the module: auto (when its execution plan says so, e.g. chosen by "
+                             "--passes auto), on, off")
+    parser.add_argument("--autocast", default=defaults.autocast, choices=("off", "bfloat16", "float16"),
+                        help="run under torch.autocast (for models compiled without amp)")
+    parser.add_argument("--log-every", type=int, default=defaults.log_every,
+                        help=f"read the loss back every k steps (default {defaults.log_every}; no host sync between)")
+    parser.add_argument("--prefetch", type=int, default=defaults.prefetch, help="batches prepared ahead (default 2)")
     parser.add_argument("--backend", default="torch", choices=("torch", "ort"),
                         help="torch, or ort (ONNX Runtime training artifacts of an --out folder)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..export.folder import claim_log_dir
 
     # effcompile's own run folders only (marker), one run at a time (lock held until the run ends)
-    with claim_log_dir(args.out, args.force, args.resume):
+    with claim_log_dir(args.out, args.force, args.resume, RUN_FILES):
         return run(args)
 
 
@@ -140,9 +147,7 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int]:
         if tokens:
             batch, seq = args.batch or int(tokens[0].shape[0]), args.seq or int(tokens[0].shape[1])
     if device.type != "cpu":
-        spec.module.to(device)
-        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        spec.args, spec.kwargs = pytree.tree_map(move, spec.args), pytree.tree_map(move, spec.kwargs)
+        spec = spec_to_device(spec, device)
     result = compile_model(spec, passes=passes, options=parse_set_options(args.set_options),
                            capture_path=args.capture, measure=False)
     return result, batch, seq
@@ -157,13 +162,14 @@ def _config(args: argparse.Namespace, batch: int, seq: int) -> Any:
         lclr_gamma=args.lclr_gamma, accum=args.accum, aga=args.aga, aga_alpha=args.aga_alpha,
         aga_epsilon=args.aga_epsilon, aga_relative=args.aga_relative, max_accum=args.max_accum, eval_every=args.eval_every,
         eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every, target_loss=args.target_loss,
-        max_train_seconds=args.max_seconds, seed=args.seed)
+        max_train_seconds=args.max_seconds, seed=args.seed, compile=args.compile, autocast=args.autocast,
+        log_every=args.log_every, prefetch=args.prefetch)
 
 
 class _Progress:
     """A rich progress bar showing loss, validation loss, N and tokens/s; validation lines printed above it."""
 
-    def __init__(self, total: int, start: int, quiet: bool) -> None:
+    def __init__(self, total: int, start: int, quiet: bool, max_seconds: float | None = None) -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -171,15 +177,14 @@ class _Progress:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
         self.console = Console(stderr=True)
         self.progress = None if quiet else Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            TimeElapsedColumn(), console=self.console)
         self.task = None
-        self.total, self.start = total, start
+        self.total, self.start, self.max_seconds = total, start, max_seconds
         self.val: float | None = None
 
     def __enter__(self) -> _Progress:
@@ -205,11 +210,26 @@ class _Progress:
         info += f"  N {record.get('accum', 1)}  {record['tokens_per_s']:,.0f} tok/s"
         if "peak_mem_bytes" in record:
             info += f"  {record['peak_mem_bytes'] / 2**30:.2f} GiB"
+        info += f"  ETA {_clock(eta_seconds(record, self.total, self.max_seconds))}"
         self.progress.update(self.task, completed=record["step"] + 1, info=info)
 
 
+def eta_seconds(record: dict[str, Any], total_steps: int, max_seconds: float | None) -> float:
+    """Seconds of training left after ``record``'s step: the remaining steps at the recent step time, or
+    the time limit's remainder when that comes first."""
+    left = (total_steps - record["step"] - 1) * record.get("step_s", 0.0)
+    if max_seconds is not None:
+        left = min(left, max(0.0, max_seconds - record.get("train_s", 0.0)))
+    return max(0.0, left)
+
+
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes}:{rest:02d}"
+
+
 def _print_summary(summary: dict[str, Any], out: str | None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="effcompile train")
@@ -222,60 +242,28 @@ def _print_summary(summary: dict[str, Any], out: str | None) -> None:
         hit = summary["target_reached"]
         rows.append(("target reached", f"step {hit['step']}, {hit['tokens']:,} tokens, {hit['train_s']:.1f} s"))
     if out:
-        rows.append(("log", str(Path(out) / "log.jsonl")))
+        rows.append(("log", str(Path(out) / STEP_LOG)))
+        rows.append(("loss curve", ", ".join(str(Path(out) / name) for name in (LOSS_CURVE, LOSS_PLOT)
+                                               if (Path(out) / name).exists())))
     for key, value in rows:
         table.add_row(key, str(value))
-    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    console(120).print(table)
 
 
 def _train_torch(args: argparse.Namespace) -> int:
-    from ..train import Trainer
     from ..train.data import load_corpus
 
     device = parse_device(args.device)
     corpus = load_corpus(args.data, args.val_fraction, args.seed, args.max_bytes)
     model, batch, seq = _build(args, device)
-    trainer = Trainer(model, corpus, _config(args, batch, seq), log_dir=args.out)
-    if args.resume:
-        trainer.load_checkpoint()
-    with _Progress(args.steps, trainer.step, args.quiet) as progress:
-        result = trainer.run(progress)
-    _print_summary(result.to_dict(), args.out)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ ORT backend
-
-def _ort_folder(model: str) -> Path:
-    folder = Path(model)
-    for candidate in (folder / "onnx", folder):
-        if (candidate / "effcompile_onnx.json").exists():
-            return candidate
-    raise SpecError(f"--backend ort needs a folder written by `effcompile MODEL --export onnx --out DIR`; "
-                    f"{model} holds no onnx/effcompile_onnx.json")
-
-
-def _ort_shape(folder: Path) -> tuple[int | None, int | None]:
-    """The (batch, seq) the training model's first input was exported with (None where symbolic)."""
-    try:
-        import onnx
-
-        model = onnx.load(str(folder / "training_model.onnx"), load_external_data=False)
-        dims = model.graph.input[0].type.tensor_type.shape.dim
-        values = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-        return (values[0], values[1]) if len(values) == 2 else (None, None)
-    except Exception:  # the shapes are a convenience default; the step reports real mismatches
-        return None, None
+    return _run(model, corpus, _config(args, batch, seq), args)
 
 
 def _train_ort(args: argparse.Namespace) -> int:
     """Train ONNX Runtime training artifacts: AdamW as exported, the LR schedule applied per step."""
-    try:
-        from ..train.ort import OrtTrainer
-    except ImportError as error:
-        raise OptionError(f"--backend ort is not available ({error}); pip install 'effcompile[ort]'") from error
-    from ..train import LayerSchedule
-    from ..train.data import Batches, load_corpus
+    from ..train import OrtBackend
+    from ..train.backends import exported_shape
+    from ..train.data import load_corpus
 
     unsupported = [flag for flag, on in (("--aga", args.aga), ("--lclr", args.lclr), ("--passes", args.passes),
                                          ("--optimizer " + args.optimizer, args.optimizer != "adamw"),
@@ -284,73 +272,49 @@ def _train_ort(args: argparse.Namespace) -> int:
         raise OptionError(f"{', '.join(unsupported)} not available with --backend ort (its optimizer and graph "
                           "are fixed at export); drop them or use --backend torch")
     folder = _ort_folder(args.model)
-    export_batch, export_seq = _ort_shape(folder)
+    export_batch, export_seq = exported_shape(folder)
     config = _config(args, args.batch or export_batch or 8, args.seq or export_seq or 128)
-    out = Path(args.out) if args.out else None
-    state_file = out / "ort_state.json" if out else None
-    checkpoint = out / "ort_checkpoint" if out else None
-    step, position, tokens, seconds = 0, 0, 0, 0.0
-    validation: list[dict[str, Any]] = []
-    if args.resume:
-        assert state_file is not None
-        if not state_file.exists():
-            raise SpecError(f"--resume: {state_file} does not exist; run without --resume first")
-        saved = json.loads(state_file.read_text())
-        step, position, tokens, seconds, validation = (saved["step"], saved["position"], saved["tokens"],
-                                                       saved["train_seconds"], saved["validation"])
-    trainer = OrtTrainer(folder, checkpoint if args.resume else None, lr=args.lr,
-                         device="cuda" if args.device.startswith("cuda") else "cpu")
+    backend = OrtBackend(folder, config, device="cuda" if args.device.startswith("cuda") else "cpu")
     corpus = load_corpus(args.data, args.val_fraction, args.seed, args.max_bytes)
-    batches = Batches(corpus.train, config.batch, config.seq, config.seed)
-    val_batches = Batches(corpus.validation, config.batch, config.seq, config.seed).fixed(config.eval_batches)
-    schedule = LayerSchedule(0, 0, 1.0, config.warmup, config.steps, config.schedule == "cosine")
+    return _run(backend, corpus, config, args)
 
-    def feeds(tokens: Any) -> dict[str, Any]:
-        return {name: tokens * 0 + 1 if name == "attention_mask" else tokens for name in trainer.input_names}
 
-    log_file = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        log_file = (out / "log.jsonl").open("a")
+def saved_execution(folder: str) -> Any:
+    """The execution plan (``ExecutionPlan``) recorded in an ``effcompile --out`` folder's ``report.json`` by a
+    pass such as ``auto``, or None (no folder, no report, no plan)."""
+    import json
+
+    from ..plans import ExecutionPlan
+
+    report = Path(folder) / "report.json"
+    if not _is_saved_folder(folder) or not report.exists():
+        return None
     try:
-        with _Progress(config.steps, step, args.quiet) as progress:
-            while step < config.steps:
-                lr = config.lr * schedule(step)
-                trainer.set_learning_rate(lr)
-                tokens_batch = batches.batch(position)
-                position += 1
-                try:
-                    loss = trainer.step(feeds(tokens_batch))
-                except Exception as error:  # ORT's shape errors: name the likely cause
-                    raise SpecError(f"ORT training step failed ({str(error).splitlines()[0][:200]}); the artifacts "
-                                    "fix the shapes they were exported with: pass the export's --batch/--seq") from error
-                seconds += trainer.last_step_seconds
-                tokens += tokens_batch.numel()
-                record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "accum": 1, "tokens": tokens,
-                                          "tokens_per_s": tokens_batch.numel() / max(trainer.last_step_seconds, 1e-9),
-                                          "step_s": trainer.last_step_seconds, "train_s": seconds}
-                step += 1
-                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                    record["val_loss"] = sum(trainer.eval(feeds(b)) for b in val_batches) / len(val_batches)
-                    validation.append({"step": step, "val_loss": record["val_loss"], "tokens": tokens, "train_s": seconds})
-                if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                progress(record)
-                periodic = bool(config.checkpoint_every) and step % config.checkpoint_every == 0
-                if out is not None and (step == config.steps or periodic):
-                    trainer.save_checkpoint(checkpoint)
-                    state_file.write_text(json.dumps({"step": step, "position": position, "tokens": tokens,
-                                                      "train_seconds": seconds, "validation": validation}))
-                if config.target_loss is not None and validation and validation[-1]["val_loss"] <= config.target_loss:
-                    break
-    finally:
-        if log_file is not None:
-            log_file.close()
-    summary = {"steps": step, "tokens": tokens, "train_seconds": seconds, "backend": "ort",
-               "final_val_loss": validation[-1]["val_loss"] if validation else None, "validation": validation,
-               "config": dataclasses.asdict(config), "data": corpus.summary()}
-    if out is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _print_summary(summary, args.out)
+        data = json.loads(report.read_text()).get("execution")
+    except (OSError, ValueError):
+        return None
+    return ExecutionPlan.from_dict(data) if isinstance(data, dict) else None
+
+
+def _run(model: Any, corpus: Any, config: Any, args: argparse.Namespace) -> int:
+    """Train ``model`` (a compiled model or a backend) with a progress bar; print the summary."""
+    from ..train import Trainer
+
+    trainer = Trainer(model, corpus, config, log_dir=args.out, execution=saved_execution(args.model))
+    if args.resume:
+        trainer.load_checkpoint()
+    with _Progress(config.steps, trainer.step, args.quiet, config.max_train_seconds) as progress:
+        result = trainer.run(progress)
+    _print_summary(result.to_dict(), args.out)
     return 0
+
+
+def _ort_folder(model: str) -> Path:
+    from ..export.onnx import MANIFEST
+
+    folder = Path(model)
+    for candidate in (folder / "onnx", folder):
+        if (candidate / MANIFEST).exists():
+            return candidate
+    raise SpecError(f"--backend ort needs a folder written by `effcompile MODEL --export onnx --out DIR`; "
+                    f"{model} holds no onnx/{MANIFEST}")

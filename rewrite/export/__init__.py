@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ExportError
+
 __all__ = ["export_training_artifacts", "export_eval_model", "legalize_for_training", "ExportError"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("export_training_artifacts", "export_eval_model", "legalize_for_training", "ExportError"):
+    if name in ("export_training_artifacts", "export_eval_model", "legalize_for_training"):
         from . import onnx as _onnx
 
         return getattr(_onnx, name)

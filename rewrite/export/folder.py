@@ -37,7 +37,6 @@ FORMAT = "effcompile-output"
 VERSION = 1
 MODULE, TRAIN_LOG = "module", "train-log"
 _KIND_WORDS = {MODULE: "compiled module (effcompile --out)", TRAIN_LOG: "training run (effcompile train --out)"}
-RUN_FILES = ("log.jsonl", "checkpoint.pt", "checkpoint.tmp", "summary.json", "ort_state.json", "ort_checkpoint")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -303,21 +302,22 @@ def atomic_dir(out: str | Path, force: bool = False, kind: str = MODULE) -> Iter
 
 
 @contextlib.contextmanager
-def claim_log_dir(out: str | Path, force: bool, resume: bool) -> Iterator[Path]:
+def claim_log_dir(out: str | Path, force: bool, resume: bool, run_files: Sequence[str]) -> Iterator[Path]:
     """Hold ``out`` as a training-log folder for the duration of the block: created with its marker if
     absent or empty; an effcompile run folder is continued with ``resume``, started over with ``force``
-    (deleting only effcompile's own run files), else refused. A folder effcompile did not write, or a
-    compiled-module folder, is refused. Raises OutputError."""
+    (deleting only ``run_files``, the names a run writes: ``effcompile.train.config.RUN_FILES``), else
+    refused. A folder effcompile did not write, or a compiled-module folder, is refused. Raises OutputError."""
     path = check_output_dir(out, force, TRAIN_LOG)
     fd = _acquire(out, path)
     try:
-        prepare_log_dir(path, force, resume, str(out))
+        prepare_log_dir(path, force, resume, str(out), run_files=run_files)
         yield path
     finally:
         _release(fd, path)
 
 
-def prepare_log_dir(path: Path, force: bool = False, resume: bool = False, shown: str | None = None) -> None:
+def prepare_log_dir(path: Path, force: bool = False, resume: bool = False, shown: str | None = None, *,
+                    run_files: Sequence[str]) -> None:
     """Make ``path`` a training-log folder (see ``claim_log_dir``) without locking it; used by the trainer
     of the Python API too. Raises OutputError."""
     shown = shown or str(path)
@@ -330,13 +330,13 @@ def prepare_log_dir(path: Path, force: bool = False, resume: bool = False, shown
             if marker.get("kind") != TRAIN_LOG:
                 raise OutputError(f"--out {shown} holds an effcompile {_KIND_WORDS.get(marker.get('kind'), 'output')}; "
                                   "pass a new folder for the run")
-            holds_run = any((path / name).exists() for name in RUN_FILES)
+            holds_run = any((path / name).exists() for name in run_files)
             if resume or not holds_run:
                 return
             if not force:
                 raise OutputError(f"--out {shown} already holds a training run; pass --resume to continue it, "
                                   "--force to start over, or another folder")
-            for name in RUN_FILES:
+            for name in run_files:
                 target = path / name
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)

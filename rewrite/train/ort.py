@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..export.onnx import MANIFEST, ExportError
+from ..errors import ExportError
+from ..export.onnx import MANIFEST
 
 Inputs = Mapping[str, Any] | Sequence[Any] | Any
 

@@ -16,17 +16,15 @@ Gradients: ``scale_grads=True`` averages over micro-batches, so a step's gradien
 step of the original model (equal-sized micro-batches, mean losses). A tied parameter held by two ranks
 (GPT-2's ``wte``/``lm_head``) has its gradient all-reduced (summed) between them after each step.
 
-Run ``python -m effcompile.train.pipeline --help``; e.g.::
+The command line is ``effcompile.cli.pipeline`` (``python -m effcompile.cli.pipeline --help``); e.g.::
 
-    torchrun --nproc-per-node 2 -m effcompile.train.pipeline hf:gpt2 --model-arg n_layer=4 \\
+    torchrun --nproc-per-node 2 -m effcompile.cli.pipeline hf:gpt2 --model-arg n_layer=4 \\
         --stages 2 --schedule 1f1b --microbatches 4 --batch 8 --seq 64 --steps 10
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import logging
 import os
 import time
@@ -39,8 +37,9 @@ import torch.distributed as dist
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from ..errors import EffcompileError, PassError
+from ..errors import PipelineError
 from ..graph import finalize
+from ..plans import PipelinePlan
 from ..program import Program
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ class StageSetup:
     modules: list[torch.nn.Module]
     is_first: bool
     is_last: bool
-    plan: dict[str, Any]
+    plan: PipelinePlan
     tied_groups: list[tuple[Any, list[torch.nn.Parameter]]] = field(default_factory=list)
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -149,9 +148,17 @@ def split_loss_head(stage: torch.fx.GraphModule, target_names: Sequence[str], lo
     return body_module, head_module
 
 
+def pipeline_plan(program: Program) -> PipelinePlan:
+    """The ``PipelinePlan`` the ``pipeline`` pass left on ``program``; PipelineError if there is none."""
+    plan = program.plan(PipelinePlan)
+    if plan is None:
+        raise PipelineError("pipeline runtime: the program has no pipeline plan; compile it with passes=['pipeline']")
+    return plan
+
+
 def _flat_inputs_by_name(program: Program, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The model inputs ``(args, kwargs)`` keyed by the original graph's placeholder names."""
-    names = program.meta["pipeline.plan"]["placeholders"]
+    names = pipeline_plan(program).placeholders
     probe = Program(program.gm, args, kwargs, program.loss_fn, program.capture_path)
     return dict(zip(names, probe.flat_inputs()))
 
@@ -163,7 +170,7 @@ def build_stages(program: Program, rank: int, world_size: int, device: torch.dev
 
     Ranks hold one stage each (GPipe, 1F1B: ``world_size == stages``) or ``stages_per_rank`` stages
     round-robin (interleaved); ``PipelineStage`` infers shapes at the first step. Must be called on every
-    rank in the same order (it creates process groups for tied parameters). Raises PassError when the
+    rank in the same order (it creates process groups for tied parameters). Raises PipelineError when the
     plan cannot run on this world size.
     """
     from torch.distributed.pipelining import (
@@ -173,35 +180,32 @@ def build_stages(program: Program, rank: int, world_size: int, device: torch.dev
         ScheduleInterleaved1F1B,
     )
 
-    plan = program.meta.get("pipeline.plan")
-    if plan is None:
-        raise PassError("pipeline runtime: the program has no pipeline plan; compile it with passes=['pipeline']")
+    plan = pipeline_plan(program)
     device = torch.device(device)
-    schedule = schedule or plan["schedule"]
-    microbatches = microbatches or plan["microbatches"]
-    stages = plan["stages"]
-    per_rank = plan["stages_per_rank"] if schedule == "interleaved" else 1
+    schedule = schedule or plan.schedule
+    microbatches = microbatches or plan.microbatches
+    stages = plan.stages
+    per_rank = plan.stages_per_rank if schedule == "interleaved" else 1
     if stages != world_size * per_rank:
-        raise PassError(f"pipeline runtime: {stages} stages need {stages // per_rank} processes for schedule "
+        raise PipelineError(f"pipeline runtime: {stages} stages need {stages // per_rank} processes for schedule "
                         f"{schedule}, got {world_size}; run torchrun --nproc-per-node {stages // per_rank}")
-    for index, direct in enumerate(plan["direct_inputs"]):
+    for index, direct in enumerate(plan.direct_inputs):
         if direct and 0 < index < stages - 1:
-            raise PassError(f"pipeline runtime: stage {index} reads model inputs {direct} directly; "
+            raise PipelineError(f"pipeline runtime: stage {index} reads model inputs {direct} directly; "
                             "torch.distributed.pipelining feeds inputs only to the first stage (arguments) and "
                             "the last stage (target); move the cut or pass them through")
     if stages < 2:
-        raise PassError("pipeline runtime: one stage is plain training; compile with pipeline.stages >= 2")
-    last_direct = plan["target_inputs"]
+        raise PipelineError("pipeline runtime: one stage is plain training; compile with pipeline.stages >= 2")
+    last_direct = plan.target_inputs
     if len(last_direct) > 1:
-        raise PassError(f"pipeline runtime: the last stage reads {len(last_direct)} model inputs directly "
+        raise PipelineError(f"pipeline runtime: the last stage reads {len(last_direct)} model inputs directly "
                         f"({last_direct}); the schedule passes one target")
     indices = [rank + i * world_size for i in range(per_rank)]
     modules: list[torch.nn.Module] = []
     pipeline_stages = []
     loss_fn: Callable[..., torch.Tensor] | None = None
     for index in indices:
-        module = getattr(program.gm, plan["stage_modules"][index])
-        module = retarget_devices(module, device).to(device)
+        module = retarget_devices(plan.modules[index], device).to(device)
         if index == stages - 1:
             module, loss_fn = _last_stage(program, plan, module, last_direct)
         modules.append(module)
@@ -220,9 +224,9 @@ def _loss_or_none(loss_fn: Callable[..., torch.Tensor] | None) -> Callable[..., 
     return loss_fn if loss_fn is not None else (lambda output, target: output)
 
 
-def _last_stage(program: Program, plan: dict[str, Any], module: torch.fx.GraphModule,
+def _last_stage(program: Program, plan: PipelinePlan, module: torch.fx.GraphModule,
                 target_names: list[str]) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
-    loss_index = plan["loss_output_index"]
+    loss_index = plan.loss_output_index
     if loss_index is not None:
         body, head = split_loss_head(module, target_names, loss_index)
 
@@ -233,9 +237,9 @@ def _last_stage(program: Program, plan: dict[str, Any], module: torch.fx.GraphMo
 
         return body, head_loss
     if program.loss_fn is None:
-        raise PassError("pipeline runtime: the model has neither a loss output nor a loss_fn; give loss_fn")
-    if len(plan["placeholders"]) != 1:
-        raise PassError("pipeline runtime: a model with loss_fn(output, *inputs) must take one input (the "
+        raise PipelineError("pipeline runtime: the model has neither a loss output nor a loss_fn; give loss_fn")
+    if len(plan.placeholders) != 1:
+        raise PipelineError("pipeline runtime: a model with loss_fn(output, *inputs) must take one input (the "
                         "schedule passes one target to the last stage)")
     user_loss = program.loss_fn
     spec = _output_spec(program)
@@ -251,15 +255,15 @@ def _output_spec(program: Program) -> Any:
     output = next(n for n in program.gm.graph.nodes if n.op == "output")
     leaves, spec = pytree.tree_flatten(output.args[0])
     if not all(isinstance(leaf, torch.fx.Node) for leaf in leaves):
-        raise PassError("pipeline runtime: a model with loss_fn must return tensors only")
+        raise PipelineError("pipeline runtime: a model with loss_fn must return tensors only")
     return spec
 
 
-def _tied_groups(program: Program, plan: dict[str, Any], rank: int, world_size: int, indices: list[int],
+def _tied_groups(program: Program, plan: PipelinePlan, rank: int, world_size: int, indices: list[int],
                  modules: list[torch.nn.Module]) -> list[tuple[Any, list[torch.nn.Parameter]]]:
     groups = []
-    for tied in plan["tied"]:
-        ranks = sorted({stage % world_size for stage in tied["stages"]})
+    for tied in plan.tied:
+        ranks = sorted({stage % world_size for stage in tied.stages})
         if len(ranks) < 2:
             continue
         group = dist.new_group(ranks) if dist.is_initialized() else None  # every rank calls new_group
@@ -267,7 +271,7 @@ def _tied_groups(program: Program, plan: dict[str, Any], rank: int, world_size: 
             mine = []
             for module in modules:
                 for name, parameter in module.named_parameters(remove_duplicate=False):
-                    if name == tied["parameter"] or _same_tensor(program, tied["parameter"], parameter):
+                    if name == tied.parameter or _same_tensor(program, tied.parameter, parameter):
                         mine.append(parameter)
             groups.append((group, list({id(p): p for p in mine}.values())))
     return groups
@@ -287,14 +291,14 @@ def step(setup: StageSetup, program: Program, args: tuple = (), kwargs: dict[str
     batch. Returns the mean micro-batch loss on the last stage's rank, else None."""
     plan = setup.plan
     inputs = _flat_inputs_by_name(program, args, kwargs or {}) if (setup.is_first or setup.is_last) else {}
-    first_args = [inputs[n] for n in plan["direct_inputs"][0]] if setup.is_first else []
+    first_args = [inputs[n] for n in plan.direct_inputs[0]] if setup.is_first else []
     losses: list[torch.Tensor] = []
     extra: dict[str, Any] = {}
     if setup.is_last:
-        if plan["loss_output_index"] is not None:
-            target = inputs[plan["target_inputs"][0]] if plan["target_inputs"] else None
+        if plan.loss_output_index is not None:
+            target = inputs[plan.target_inputs[0]] if plan.target_inputs else None
         else:  # loss_fn(output, input): the model's single input is the target
-            target = inputs[plan["placeholders"][0]]
+            target = inputs[plan.placeholders[0]]
         extra = {"target": target, "losses": losses}
     setup.schedule.step(*first_args, **extra)
     for group, parameters in setup.tied_groups:
@@ -326,7 +330,7 @@ def run_pipeline(program: Program, batches: Callable[[int], tuple[tuple, dict[st
     parameters = setup.parameters()
     opt = (torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0) if optimizer == "adamw"
            else torch.optim.SGD(parameters, lr=lr))
-    last_rank = (setup.plan["stages"] - 1) % world
+    last_rank = (setup.plan.stages - 1) % world
     losses, seconds = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -363,90 +367,3 @@ def init_distributed(device_kind: str, timeout_minutes: int = 10) -> tuple[int, 
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
     torch.cuda.set_device(device)
     return rank, world, device
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m effcompile.train.pipeline",
-                                     description="Train a model split by the pipeline pass under torchrun.")
-    parser.add_argument("model", help="hf:<type> or a model file (build_model, example_inputs, loss_fn)")
-    parser.add_argument("--model-arg", action="append", default=[], help="config override key=value (hf: only)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--stages", type=int, default=None, help="default: the number of processes")
-    parser.add_argument("--balance", default="flops")
-    parser.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b or interleaved; comma-separated runs each")
-    parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="0: one forward/backward, gradients dumped")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (parameters)")
-    parser.add_argument("--set", action="append", default=[], help="extra pipeline option, e.g. cut_slack=0.1")
-    parser.add_argument("--verify", action="store_true", help="verify the composed stages on rank 0")
-    parser.add_argument("--dump", default=None, help="folder: write rank<r>_<schedule>.pt (losses, grads)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point for ``torchrun --nproc-per-node K -m effcompile.train.pipeline MODEL ...``."""
-    from .. import compile as compile_model
-    from ..spec import resolve_spec
-
-    options = _parse(argv)
-    rank, world, device = init_distributed(options.device)
-    try:
-        compiled: dict[int, Any] = {}
-        for schedule in options.schedule.split(","):
-            per_rank = 2 if schedule == "interleaved" else 1
-            extra = dict(pair.split("=", 1) for pair in options.set)
-            pipeline_options = {"stages": options.stages or world * per_rank, "balance": options.balance,
-                                "schedule": schedule, "microbatches": options.microbatches, **extra}
-            if pipeline_options["stages"] not in compiled or options.steps > 0:  # training changes weights
-                spec = resolve_spec(options.model, options.model_arg, options.batch, options.seq)
-                spec.module.to(device=device, dtype=getattr(torch, options.dtype))
-                spec.args = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, spec.args)
-                spec.kwargs = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t,
-                                              spec.kwargs)
-                result = compile_model(spec, passes=["pipeline"], options={"pipeline": pipeline_options},
-                                       verify=rank == 0 and options.verify)
-                compiled[pipeline_options["stages"]] = (spec, result,
-                                                        _agree_on_cuts(result.program, spec, pipeline_options, rank))
-            spec, result, program = compiled[pipeline_options["stages"]]
-            batch = (spec.args, spec.kwargs)
-            outcome = run_pipeline(program, lambda _, batch=batch: batch, options.steps, device,
-                                   schedule, options.microbatches, options.lr)
-            if options.dump:
-                os.makedirs(options.dump, exist_ok=True)
-                torch.save(outcome, os.path.join(options.dump, f"rank{rank}_{schedule}.pt"))
-            if rank == 0:
-                print(json.dumps({"schedule": schedule, "stages": pipeline_options["stages"],
-                                  "losses": outcome["losses"],
-                                  "ms_per_step": 1000 * sum(outcome["seconds"][1:]) / max(len(outcome["seconds"]) - 1, 1),
-                                  "summary": result.report.record("pipeline").details["summary"]}), flush=True)
-            dist.barrier()
-    except EffcompileError as error:
-        print(f"rank {rank}: error: {error}", flush=True)
-        return 2
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
-def _agree_on_cuts(program: Program, spec: Any, options: dict[str, Any], rank: int) -> Program:
-    """All ranks must cut identically; if measured costs (balance=time) made them differ, every rank
-    adopts rank 0's cuts (``split_before`` its stages' first nodes)."""
-    from .. import compile as compile_model
-
-    firsts = program.meta["pipeline.plan"]["first_nodes"]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, firsts)
-    if all(g == gathered[0] for g in gathered):
-        return program
-    if firsts != gathered[0]:
-        cuts = tuple(gathered[0][1:])
-        program = compile_model(spec, passes=["pipeline"], options={"pipeline": {**options, "split_before": cuts}},
-                                verify=False, measure=False).program
-    return program
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

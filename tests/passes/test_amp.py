@@ -13,6 +13,7 @@ import effcompile
 from effcompile.capture import capture
 from effcompile.errors import OptionError, PassError
 from effcompile.options import build_config
+from effcompile.pass_manager import resolve_passes
 from effcompile.passes.amp import CAST, Amp
 from effcompile.passes.amp.policy import LOW_PRECISION_OPS, classify, keep_fp32_names, op_name
 from effcompile.program import Program
@@ -325,3 +326,27 @@ def test_save_and_load_keep_the_casts(compiled, tmp_path):
     assert len(_casts(loaded)) == EXPECTED_CASTS["llama"][0]
     with torch.no_grad():
         torch.testing.assert_close(result.program.run(loaded)["logits"], result.program.run(result.module)["logits"])
+
+
+def test_amp_state_is_a_typed_plan():
+    from effcompile.passes.amp import AmpState
+
+    result = effcompile.compile(tiny_spec("gpt2"), passes=["amp"], verify=False, measure=False)
+    state = result.program.plan(AmpState)
+    assert state == AmpState("bfloat16", "per_step", None, ())
+    assert result.program.clone().plan(AmpState) == state
+
+
+def test_float8_choice_rule():
+    """The cost rule that keeps first/last and small GEMMs in bf16 (GPU numerics: tools/bench_fuse.py)."""
+    from effcompile.analysis import float8_gemm_choice
+
+    assert float8_gemm_choice(4096, 14336, False, False)[0]
+    assert not float8_gemm_choice(4096, 14336, True, False)[0]
+    assert not float8_gemm_choice(4096, 128256, False, True)[0]
+    use, why = float8_gemm_choice(1024, 4096, False, False)
+    assert not use and "small GEMM" in why
+    assert float8_gemm_choice(1024, 4096, False, False, min_dim=1024)[0]
+    assert not float8_gemm_choice(4100, 4096, False, False)[0]
+    with pytest.raises(OptionError, match="float8_min_dim"):
+        resolve_passes(["amp"], {"amp": {"float8_min_dim": 0}})

@@ -11,16 +11,9 @@ import torch
 import effcompile
 from effcompile.capture import capture
 from effcompile.errors import OptionError, PassError
+from effcompile.export.peft import load_peft_adapter, lora_state_dict, save_peft_adapter
 from effcompile.pass_manager import PassManager, resolve_passes
-from effcompile.passes.lora import (
-    LoraLinear,
-    load_peft_adapter,
-    lora_modules,
-    lora_state_dict,
-    merge_lora,
-    save_peft_adapter,
-    unmerge_lora,
-)
+from effcompile.passes.lora import LoraLinear, lora_modules, merge_lora, unmerge_lora
 
 from conftest import example_gpt_spec, tiny_spec
 

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 import effcompile
 from effcompile.capture import capture
-from effcompile.errors import OptionError, PassError
+from effcompile.errors import OptionError, PassError, PipelineError
 from effcompile.passes.pipeline import Pipeline, bubble_fraction, stage_modules
 from effcompile.passes.pipeline.partition import solve
+from effcompile.plans import PipelinePlan, TiedParameter
+from effcompile.train.pipeline import build_stages
 from effcompile.verify import compare
 
 from conftest import example_gpt_spec, tiny_spec
@@ -42,7 +44,7 @@ def test_stages_compose_to_the_original(name, request):
     assert record.verify.grads_compared > 0 and record.verify.grads_not_compared == []
     assert record.verify.output_max_rel < 1e-5 and record.verify.grad_max_rel < 1e-4
     stages = stage_modules(result.module)
-    assert len(stages) == 2 and stages == result.program.meta["pipeline.stages"]
+    assert len(stages) == 2 and stages == result.program.plan(PipelinePlan).modules
     assert {n for n, _ in result.module.named_parameters()} == {n for n, _ in result.program.gm.named_parameters()}
     # One cut inside the decoder stack at a residual point: it sends one hidden state (batch 4, seq 16,
     # width 64, float32) and nothing else (masks, rotary tables and sizes are recomputed).
@@ -54,16 +56,16 @@ def test_stages_compose_to_the_original(name, request):
 def test_each_stage_runs_on_its_own(gpt2_result):
     """Stage 0 takes input_ids, stage 1 takes the hidden state and labels; chained by hand they give
     the original loss and the same gradients, and run at another batch size (sizes are re-read)."""
-    plan = gpt2_result.program.meta["pipeline.plan"]
-    assert plan["direct_inputs"] == [["input_ids"], ["labels"]] and plan["target_inputs"] == ["labels"]
-    assert plan["tied"] == [{"parameter": "transformer.wte.weight", "stages": [0, 1]}]
+    plan = gpt2_result.program.plan(PipelinePlan)
+    assert plan.direct_inputs == [["input_ids"], ["labels"]] and plan.target_inputs == ["labels"]
+    assert plan.tied == [TiedParameter("transformer.wte.weight", [0, 1])]
     first, last = stage_modules(gpt2_result.module)
     assert not any(n.op == "placeholder" and n.name == "input_ids" for n in last.graph.nodes)
     spec = tiny_spec("gpt2", batch=3)  # another batch size than captured
     reference = spec.module(**spec.kwargs).loss
     (hidden,) = first(spec.kwargs["input_ids"])
     outputs = last(hidden, spec.kwargs["labels"])
-    loss = outputs[plan["loss_output_index"]]
+    loss = outputs[plan.loss_output_index]
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     loss.backward()
     reference.backward()
@@ -71,6 +73,18 @@ def test_each_stage_runs_on_its_own(gpt2_result):
     for name, parameter in last.named_parameters():
         torch.testing.assert_close(parameter.grad, named[name.replace("lm_head", "transformer.wte")].grad
                                    if name == "lm_head.weight" else named[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_plan_is_typed_and_cloned_with_the_program(gpt2_result):
+    """The runtime reads a PipelinePlan stored by type; a clone's plan refers to the clone's own stages."""
+    program = gpt2_result.program
+    clone = program.clone()
+    plan, copied = program.plan(PipelinePlan), clone.plan(PipelinePlan)
+    assert copied is not plan and copied.first_nodes == plan.first_nodes and copied.stage_names == plan.stage_names
+    assert copied.modules == stage_modules(clone.gm)
+    assert all(a is not b for a, b in zip(copied.modules, plan.modules))
+    with pytest.raises(PipelineError, match="no pipeline plan"):
+        build_stages(capture(tiny_spec("gpt2")), 0, 2, "cpu")
 
 
 def test_plain_module_captured_by_symbolic_trace():

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _torchrun(dump: Path, arch: str, schedules: str, batch: int, seq: int, microbatches: int) -> None:
     model_args = [a for key, value in TINY_CONFIGS[arch].items() for a in ("--model-arg", f"{key}={value}")]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "effcompile.train.pipeline", f"hf:{arch}", *model_args, "--batch", str(batch),
+               "-m", "effcompile.cli.pipeline", f"hf:{arch}", *model_args, "--batch", str(batch),
                "--seq", str(seq), "--microbatches", str(microbatches), "--steps", "0",
                "--schedule", schedules, "--dump", str(dump)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -5,7 +5,9 @@ unreachable budget names the smallest reachable one."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from effcompile.analysis import measure_saved_bytes
 from effcompile.capture import capture
 from effcompile.errors import OptionError, PassError
 from effcompile.pass_manager import PassManager, resolve_passes
+from effcompile.passes.remat import OffloadedSpan
 from effcompile.passes.remat.segment import CheckpointedSegment
 from effcompile.program import Program
 
@@ -153,12 +156,17 @@ def test_rewritten_export_graph_takes_other_batch_sizes(captured):
         torch.testing.assert_close(losses[1][1][name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_save_and_load_round_trip(tmp_path):
-    result = effcompile.compile(tiny_spec("gpt2"), passes=["remat"], options={"remat": {"policy": "blocks"}},
+@pytest.mark.parametrize("options, spans", [({"policy": "blocks"}, 0),
+                                            ({"policy": "blocks", "offload": "on", "head": "keep",
+                                              "link_bandwidth": 1e18, "offload_min_bytes": 0}, 1)],
+                         ids=["blocks", "blocks+offload"])
+def test_save_and_load_round_trip(tmp_path, options, spans):
+    result = effcompile.compile(tiny_spec("gpt2"), passes=["remat"], options={"remat": options},
                                 verify=False, measure=False)
     folder = result.save(str(tmp_path / "out"))
     loaded = effcompile.load(folder)
     assert sum(isinstance(m, CheckpointedSegment) for m in loaded.modules()) == 2
+    assert sum(isinstance(m, OffloadedSpan) for m in loaded.modules()) == spans
     torch.manual_seed(0)
     expected = result.program.run().loss
     torch.manual_seed(0)
@@ -192,3 +200,31 @@ def test_attention_dropout_inside_sdpa_recomputes_with_the_same_random_state(pol
     result = effcompile.compile(spec, passes=["remat"], options={"remat": policy}, measure=False)
     verify = result.report.record("remat").verify
     assert result.report.record("remat").changed and verify.ok and verify.grads_compared > 0
+
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "remat_plans_a28e115.json").read_text())
+
+
+@pytest.mark.parametrize("key", sorted(GOLDEN))
+def test_plans_are_those_of_the_recompute_only_planner(captured, key):
+    # Plans recorded at a28e115, before the cost model moved to effcompile.analysis and offload was added:
+    # the options that existed then still give the same segments, peak and saved bytes.
+    arch, spec = key.split(" ", 1)
+    options: dict[str, str] = {}
+    for piece in spec.split(","):  # "budget=0.4,save=matmul,attention,norm"
+        if "=" in piece:
+            name, value = piece.split("=", 1)
+            options[name] = value
+        else:
+            options[name] += "," + piece
+    expected = GOLDEN[key]
+    if "error" in expected:
+        with pytest.raises(PassError) as error:
+            run_remat(program_for(captured, arch), verify=False, **options)
+        assert str(error.value) == expected["error"].split(": ", 1)[1]
+        return
+    _, record = run_remat(program_for(captured, arch), verify=False, **options)
+    segments = [[s["first"], s["last"], s["kind"]] for s in record.details.get("segments", [])]
+    assert (record.changed, segments) == (expected["changed"], expected["segments"])
+    assert record.details.get("predicted_peak_bytes_after") == expected["peak"]
+    assert record.details.get("predicted_saved_bytes_after") == expected["saved"]

@@ -382,7 +382,7 @@ def test_complex_numbers_are_refused_by_name(tmp_path):
 def test_split_cross_entropy_equals_the_fused_loss_at_extreme_scores(ignore_index):
     """The split loss (gathered score − log-sum-exp with an integer-truncated row maximum as shift) equals
     PyTorch's cross-entropy for scores far from zero, with -1e9-masked columns, and with ignored labels."""
-    from effcompile.export.onnx.legalize import _split_cross_entropy
+    from effcompile.export.onnx.legalize import SplitCrossEntropy
 
     scores = torch.randn(6, 50, dtype=torch.float32) * 30
     scores[0] += 5e3
@@ -399,7 +399,7 @@ def test_split_cross_entropy_equals_the_fused_loss_at_extreme_scores(ignore_inde
         [onnx.helper.make_tensor_value_info("loss", onnx.TensorProto.FLOAT, [])])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
     model.ir_version = 9
-    assert _split_cross_entropy(model) == 1
+    assert SplitCrossEntropy().call(model) == 1
     ops = {n.op_type for n in model.graph.node}
     assert "SoftmaxCrossEntropyLoss" not in ops and "ReduceLogSumExp" not in ops and "ReduceMax" in ops
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -412,7 +412,7 @@ def test_split_cross_entropy_equals_the_fused_loss_at_extreme_scores(ignore_inde
 def test_decomposed_layer_norm_equals_the_op(axis):
     """float32 LayerNormalization → elementwise ops and reductions over the same trailing axes, equal to
     PyTorch's layer_norm to round-off; with and without a bias."""
-    from effcompile.export.onnx.legalize import _decompose_layer_norm
+    from effcompile.export.onnx.legalize import DecomposeLayerNorm
 
     x = torch.randn(2, 5, 7, 8) * 3 + 1
     shape = {-1: [8], -2: [7, 8], 1: [5, 7, 8]}[axis]
@@ -426,7 +426,7 @@ def test_decomposed_layer_norm_equals_the_op(axis):
             [onnx.numpy_helper.from_array(weight.numpy(), "w"), onnx.numpy_helper.from_array(offset.numpy(), "b")])
         model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
         model.ir_version = 9
-        assert _decompose_layer_norm(model) == 1
+        assert DecomposeLayerNorm().call(model) == 1
         assert "LayerNormalization" not in {n.op_type for n in model.graph.node}
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         (y,) = session.run(None, {"x": x.numpy()})

@@ -103,3 +103,40 @@ def test_compile_accepts_tuple_dict_and_tensor_inputs():
         torch.testing.assert_close(result.module(x), linear(x))
     with pytest.raises(effcompile.SpecError, match="non-empty tuple or dict"):
         effcompile.compile(linear, [], passes=[])
+
+
+def _declared(name, after=(), last=False):
+    return type(name.title(), (pass_manager.Pass,), {"name": name, "after": after, "last": last})
+
+
+@pytest.mark.parametrize("names, message", [
+    (["remat", "lora"], "pass 'remat' must run after 'lora'; reorder, e.g. --passes lora,remat"),
+    (["remat", "amp", "sas"], "pass 'remat' must run after 'sas'; reorder, e.g. --passes sas,amp,remat"),
+    (["pipeline", "lora"], "pass 'pipeline' must be the last pass; move it to the end of --passes"),
+])
+def test_passes_declare_their_order_and_the_manager_checks_it(names, message):
+    with pytest.raises(OptionError) as error:
+        pass_manager.resolve_passes(names, {})
+    assert message in str(error.value)
+    assert [p.name for p, _ in pass_manager.resolve_passes(["lora", "sas", "amp", "remat"], {})] == \
+        ["lora", "sas", "amp", "remat"]
+
+
+def test_every_declared_predecessor_is_a_registered_pass():
+    passes = pass_manager.registry()
+    for cls in passes.values():
+        assert set(cls.after) <= set(passes), (cls.name, cls.after)
+    assert [n for n, cls in passes.items() if cls.last] == ["pipeline"]
+
+
+def test_valid_order_is_a_stable_topological_sort():
+    a, b, c = _declared("a"), _declared("b", after=("a",)), _declared("c", after=("b",))
+    last = _declared("z", last=True)
+    assert pass_manager.valid_order([c, last, b, a]) == ["a", "b", "c", "z"]
+    assert pass_manager.valid_order([b, c, last, _declared("x")]) == ["b", "c", "x", "z"]
+    with pytest.raises(OptionError, match="contradictory orders"):
+        pass_manager.valid_order([_declared("p", after=("q",)), _declared("q", after=("p",))])
+    with pytest.raises(OptionError, match="'z' and 'y' each must be the last pass"):
+        pass_manager.check_order([a, last, _declared("y", last=True)])
+    with pytest.raises(TypeError, match="after must be a tuple"):
+        pass_manager.register(_declared("bad", after="a"))

@@ -258,6 +258,37 @@ def test_resume_gives_the_same_trajectory(compiled, corpus, tmp_path):
     assert straight.history[-1]["loss"] < straight.history[0]["loss"]
 
 
+def test_ort_backend_runs_the_same_loop_and_resumes(corpus, tmp_path):
+    """ONNX Runtime artifacts train through the same loop: warm-up then cosine LR per step, validation,
+    checkpoint/resume onto the same trajectory, the summary naming the backend."""
+    pytest.importorskip("onnxruntime.training")
+    from effcompile.export.onnx import export_training_artifacts
+    from effcompile.train import OrtBackend
+
+    spec = tiny_spec("gpt2", seq=SEQ, vocab_size=256)
+    folder = tmp_path / "onnx"
+    export_training_artifacts(effcompile.compile(spec, verify=False, measure=False).program, folder, lr=3e-3)
+    config = TrainConfig(steps=4, batch=2, seq=SEQ, lr=3e-3, warmup=1, schedule="cosine", eval_every=2,
+                         eval_batches=1, checkpoint_every=2, seed=1)
+    straight = train(OrtBackend(folder, config), corpus, config, log_dir=tmp_path / "straight")
+
+    def crash(record):
+        if record["step"] == 2:  # after the step-2 checkpoint, with step 2 already logged
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(OrtBackend(folder, config), corpus, config, log_dir=tmp_path / "resumed", on_step=crash)
+    resumed = train(OrtBackend(folder, config), corpus, config, log_dir=tmp_path / "resumed", resume=True)
+    assert [r["step"] for r in resumed.history] == [0, 1, 2, 3]
+    assert [r["lr"] for r in straight.history] == pytest.approx([3e-3, 3e-3, 3e-3 * 0.75, 3e-3 * 0.25])
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in straight.history]
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight.history], rel=1e-5)
+    assert [v["step"] for v in resumed.validation] == [2, 4]
+    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+    assert summary["backend"] == "ort" and summary["steps"] == 4 and summary["tokens"] == 4 * 2 * SEQ
+    assert (tmp_path / "resumed" / "ort_checkpoint").exists()
+
+
 def test_target_loss_stops_training(compiled, corpus):
     config = TrainConfig(steps=50, batch=2, seq=SEQ, lr=3e-3, eval_every=1, eval_batches=1, target_loss=10.0)
     result = train(fresh(compiled), corpus, config)
