@@ -4,6 +4,8 @@ A graph node's target (and a callable passed as an argument) is stored as a stri
 
 - ``op:aten::add.Tensor`` / ``packet:aten::add`` / ``hop:NAME``: ``torch.ops`` overloads, packets and
   higher-order operators, looked up in the dispatcher (``aten::from_file`` is refused: it reads files);
+  effcompile's own custom ops (``effcompile::rms_norm``, ... from the ``fuse`` pass) are registered by
+  importing the pass modules, which a lookup in the ``effcompile`` namespace does first;
 - ``fn:operator.add``, ``fn:math.sqrt``, ``fn:builtins.getattr``: fixed lists of pure functions;
 - ``fn:torch.X``, ``fn:torch.nn.functional.X``, ``fn:torch.Tensor.X`` (and ``torch.linalg``/``fft``/
   ``special``): the tensor operations PyTorch itself lists as such (``torch.overrides``), plus a fixed
@@ -35,6 +37,7 @@ from . import registry
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OP_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)::([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?$")
 _REFUSED_OPS = frozenset({"aten::from_file"})
+OWN_NAMESPACE = "effcompile"  # the torch.library namespace of effcompile's custom ops
 # Tensor methods that take a Python callable (a hook or an element-wise function): never from a folder.
 _REFUSED_METHODS = frozenset({"register_hook", "register_post_accumulate_grad_hook", "apply_", "map_", "map2_"})
 # Higher-order operators capture emits; each runs a subgraph of the saved tree.
@@ -186,6 +189,8 @@ def _resolve_op(name: str, overload: bool) -> Any:
     found = getattr(torch.ops, namespace, None)
     if not isinstance(found, torch._ops._OpNamespace):
         return None
+    if namespace == OWN_NAMESPACE:  # defined with torch.library.custom_op when a pass module is imported
+        registry.import_pass_modules()
     try:
         packet = getattr(found, op)
         value = getattr(packet, overload_name) if overload else packet

@@ -27,6 +27,10 @@ from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+#: An instance attribute a pass sets on a module it installs from another library that this format cannot
+#: store (e.g. torchao's ``Float8Linear``): a one-line reason with the fix. Saving such a module raises
+#: NotAllowed with it instead of the generic "not an allow-listed class" message.
+UNSAVEABLE = "effcompile_unsaveable"
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,9 @@ def _encode_own(module: torch.nn.Module, path: str) -> dict[str, Any]:
     for name, hooks in module.__dict__.items():
         if "hook" in name and isinstance(hooks, dict) and hooks:
             raise values.NotEncodable(f"{where}: it has {name} registered (hooks are code, not data)")
+    refusal = module.__dict__.get(registry.UNSAVEABLE)
+    if isinstance(refusal, str):
+        raise allowlist.NotAllowed(f"{where}: {refusal}")
     graph_module = isinstance(module, torch.fx.GraphModule)
     if graph_module:
         entry: dict[str, Any] = {"class": GRAPH_MODULE, "class_name": type(module).__name__}

@@ -34,6 +34,21 @@ ROUND_TRIPS = {
                                            {"lowrank": {"rank": 8}, "remat": {"policy": "blocks"},
                                             "amp": {"cast_params": "once"}}),
     "llama-pipeline": (lambda: tiny_spec("llama"), ["pipeline"], {}),
+    "llama-lora-fuse-amp-remat": (lambda: tiny_spec("llama"), ["lora", "fuse", "amp", "remat"],
+                                  {"lora": {"targets": "q_proj,v_proj,gate_proj,up_proj"}, "remat": {"budget": 0.8}}),
+    "gpt2-remat_offload": (lambda: tiny_spec("gpt2"), ["remat"],
+                           {"remat": {"policy": "blocks", "offload": "on", "link_bandwidth": 1e18,
+                                      "offload_min_bytes": 0}}),
+}
+# Module classes / graph functions a case must put into the saved folder (so a case that stops matching
+# cannot pass by saving nothing new).
+EXPECTED_NAMES = {
+    "llama-lora-fuse-amp-remat": ("effcompile:LoraLinear", "effcompile:fuse.rms_norm",
+                                  "effcompile:fuse.gated_activation", "effcompile:fuse.rotary_embedding",
+                                  "effcompile:fuse.linear_cross_entropy"),
+    "gpt2-remat_offload": ("effcompile:OffloadedSpan", "effcompile:offload_mark", "effcompile:offload_region_end",
+                           "effcompile:no_session"),
+    "demo-lora-sas-amp-remat": ("effcompile:SparseAttention", "effcompile:LoraLinear"),
 }
 
 
@@ -64,7 +79,9 @@ def test_round_trip_is_exact_and_data_only(case, tmp_path):
     folder = Path(result.save(str(tmp_path / "out")))
     module_dir = folder / "module"
     assert sorted(p.name for p in module_dir.iterdir()) == ["code.py", "structure.json", "weights.safetensors"]
-    assert json.loads((module_dir / "structure.json").read_text())["format"] == "effcompile-module"
+    text = (module_dir / "structure.json").read_text()
+    assert json.loads(text)["format"] == "effcompile-module"
+    assert [name for name in EXPECTED_NAMES.get(case, ()) if f'"{name}"' not in text] == []
     loaded = effcompile.load(str(folder))
     original = result.module
     assert [n for n, _ in loaded.named_parameters()] == [n for n, _ in original.named_parameters()]
@@ -387,3 +404,56 @@ def test_user_module_class_cannot_be_saved(tmp_path):
     graph_module.mine = Mine()
     with pytest.raises(effcompile.OutputError, match="neither a torch.nn module nor an effcompile module"):
         effcompile.export.module.save_module(graph_module, tmp_path / "a")
+
+
+def test_effcompile_custom_ops_are_allow_listed():
+    from effcompile.export import allowlist
+    from effcompile.passes.fuse import ops  # noqa: F401  (defines torch.ops.effcompile.*)
+
+    for name in ("rms_norm", "rms_norm_backward", "gated_activation", "gated_activation_backward",
+                 "linear_cross_entropy"):
+        op = getattr(torch.ops.effcompile, name).default
+        stored = allowlist.encode_target(op)
+        assert stored == f"op:effcompile::{name}.default"
+        assert allowlist.decode_target(stored, "node") is op
+    with pytest.raises(effcompile.UnsafeFolderError, match="not an allow-listed"):
+        allowlist.decode_target("op:effcompile::system.default", "node")
+
+
+def test_module_marked_unsaveable_is_refused_with_its_reason(tmp_path):
+    from effcompile.export.registry import UNSAVEABLE
+
+    graph_module = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    setattr(graph_module.get_submodule("0"), UNSAVEABLE, "this module is special; save it without X")
+    with pytest.raises(effcompile.OutputError, match="module 0 .*this module is special; save it without X"):
+        effcompile.export.module.save_module(graph_module, tmp_path / "a")
+
+
+def test_float8_linears_are_refused_at_save_with_the_fix(monkeypatch, tmp_path):
+    """amp float8 needs a Hopper GPU and torchao; a stand-in torchao shows what the swap leaves for saving."""
+    import types
+
+    from effcompile.passes.amp.float8 import swap_float8_linears
+
+    class Float8Linear(torch.nn.Linear):
+        @classmethod
+        def from_float(cls, shell, config):
+            module = cls(shell.in_features, shell.out_features, bias=shell.bias is not None, device="meta")
+            module.weight, module.bias = shell.weight, shell.bias
+            return module
+
+    Float8Linear.__module__ = "torchao.float8.float8_linear"
+    float8 = types.ModuleType("torchao.float8")
+    float8.Float8LinearConfig = types.SimpleNamespace(from_recipe_name=lambda recipe: recipe)
+    float8_linear = types.ModuleType("torchao.float8.float8_linear")
+    float8_linear.Float8Linear = Float8Linear
+    for name, module in (("torchao", types.ModuleType("torchao")), ("torchao.float8", float8),
+                         ("torchao.float8.float8_linear", float8_linear)):
+        monkeypatch.setitem(sys.modules, name, module)
+    model = torch.nn.Sequential(*(torch.nn.Linear(32, 32) for _ in range(3)))
+    graph_module = torch.fx.symbolic_trace(model)
+    decisions = swap_float8_linears(graph_module, "tensorwise", min_dim=16)
+    assert [d.startswith("float8") for d in decisions.values()] == [False, True, False]
+    with pytest.raises(effcompile.OutputError, match="amp dtype=float8 .*Float8Linear.*amp.dtype=float8"):
+        effcompile.export.module.save_module(graph_module, tmp_path / "a")
+    assert not (tmp_path / "a" / "structure.json").exists()
