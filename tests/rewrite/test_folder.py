@@ -273,4 +273,47 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_old_checkpoint(
     monkeypatch.setattr(torch, "save", full)
     code, err = run(["train", *_train(tmp_path, "--out", out, "--resume", "--steps", "2")], capsys)
     assert code == 2 and "No space left on device" in err and len(err.splitlines()) == 1, err
-    assert (out / "checkpoint.pt").read_bytes() == intact and not (out / "checkpoint.tmp").exists()
+    assert (out / "checkpoint.pt").read_bytes() == intact and not list(out.glob("*.tmp"))
+
+
+def test_ort_state_damaged_or_foreign_is_one_output_error(tmp_path):
+    pytest.importorskip("onnxruntime.training")
+    from effcompile.train import OrtBackend, TrainConfig
+
+    backend = OrtBackend(tmp_path, TrainConfig(steps=1))
+    state = tmp_path / "ort_state.json"
+    for text, message in (('{"step": 1, "posit', "damaged"), ('["not", "a", "state"]', "not an effcompile")):
+        state.write_text(text)
+        with pytest.raises(effcompile.OutputError, match=message):
+            backend.load_checkpoint(tmp_path)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    from effcompile.train.backends import replace_atomically
+
+    path = tmp_path / "ort_checkpoint"
+    path.write_text("previous")
+
+    def full(temporary):
+        temporary.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError):
+        replace_atomically(path, full)
+    assert path.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["ort_checkpoint"]
+    replace_atomically(path, lambda temporary: temporary.write_text("new"))
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ort_checkpoint"]
+
+
+def test_force_removes_every_backend_s_run_files_and_only_them(tmp_path):
+    from effcompile.export.folder import prepare_log_dir
+    from effcompile.train.config import RUN_FILES
+
+    run = tmp_path / "run"
+    prepare_log_dir(run, run_files=RUN_FILES)
+    for name in ("ort_checkpoint", "ort_state.json", "checkpoint.pt.tmp", "notes.txt"):
+        (run / name).write_text("x")
+    with pytest.raises(effcompile.OutputError, match="already holds a training run"):
+        prepare_log_dir(run, run_files=RUN_FILES)
+    prepare_log_dir(run, force=True, run_files=RUN_FILES)
+    assert sorted(p.name for p in run.iterdir()) == ["effcompile.json", "notes.txt"]
