@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from effcompile.analysis import parameter_count
 from effcompile.errors import OptionError, PassError, SpecError
 from effcompile.export.peft import load_lora_state_dict, read_peft_adapter
+from effcompile.export.registry import serializable
 from effcompile.graph import finalize
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.passes.linear_sites import check_patterns, erase_dead_attrs, install_site, select_sites
@@ -46,6 +47,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@serializable
 class LoraLinear(torch.nn.Module):
     """A frozen linear (``weight`` in ``layout``: ``"out_in"`` like nn.Linear, ``"in_out"`` like
     Conv1D/addmm) plus a trainable low-rank update ``scaling · lora_B(lora_A(dropout(x)))``.
@@ -120,6 +122,7 @@ class LoraLinear(torch.nn.Module):
                 f"layout={self.layout}, merged={self.merged}")
 
 
+@serializable
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` in autocast's lower precision when autocast is on for its device (else ``x`` itself).
 

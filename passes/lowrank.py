@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from effcompile.errors import OptionError, PassError
+from effcompile.export.registry import serializable
 from effcompile.graph import finalize
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.passes.linear_sites import (
@@ -43,6 +44,7 @@ ALL = "all"
 HEAD_NAMES = ("lm_head", "embed_out", "decoder", "output", "classifier", "score", "qa_outputs")
 
 
+@serializable
 class LowRankLinear(torch.nn.Module):
     """``x ↦ up(down(x)) + bias``: a linear layer stored as two factors ``down`` (``[rank, in]``) and
     ``up`` (``[out, rank]``), both trainable."""

@@ -19,6 +19,7 @@ from .errors import (
     ResourceError,
     SpecError,
     ToleranceError,
+    UnsafeFolderError,
     VerificationError,
 )
 from .pass_manager import Pass, PassRecord, register, registry
@@ -28,6 +29,7 @@ from .spec import ModelSpec
 
 __all__ = ["compile", "CompileResult", "load", "save", "Program", "Pass", "PassRecord", "register", "registry",
            "Report", "ModelSpec", "EffcompileError", "SpecError", "OptionError", "CaptureError", "PassError",
-           "VerificationError", "ToleranceError", "InternalError", "ResourceError", "OutputError"]
+           "VerificationError", "ToleranceError", "InternalError", "ResourceError", "OutputError",
+           "UnsafeFolderError"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -134,18 +134,19 @@ def example_shapes(program: Program) -> dict[str, Any]:
 
 
 def save(result: CompileResult, folder: str, force: bool = False) -> str:
-    """Write ``report.json`` and the module (``module/code.py``, ``weights.safetensors``, ``structure.pt``)
-    into ``folder`` atomically (refusing a non-empty folder unless ``force``). Returns the folder."""
+    """Write ``report.json`` and the module (``module/structure.json``, ``weights.safetensors``, ``code.py``)
+    into ``folder`` atomically (``effcompile.export.folder``: a folder effcompile did not write is never
+    replaced; one it wrote only with ``force``). Returns the folder. Raises OutputError."""
     from .export.module import atomic_dir, write_report
 
     with atomic_dir(folder, force) as staging:
-        files = save_module(result.module, staging / "module")
+        save_module(result.module, staging / "module")
         result.report.exports["module"] = str(folder) + "/module"
         write_report(result.report.to_json(), staging)
-    del files
     return str(folder)
 
 
 def load(folder: str, device: str | torch.device = "cpu") -> torch.fx.GraphModule:
-    """Load the rewritten module saved in ``folder`` (an ``--out`` folder or its ``module/``)."""
+    """Load the rewritten module saved in ``folder`` (an ``--out`` folder or its ``module/``). Runs nothing
+    from the folder; raises UnsafeFolderError / OutputError for a folder it will not load."""
     return load_module(folder, device)

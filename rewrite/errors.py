@@ -59,6 +59,11 @@ class OutputError(EffcompileError):
     """The output folder cannot be written as asked."""
 
 
+class UnsafeFolderError(OutputError):
+    """A folder to load names something effcompile does not load: a pickle, or a callable, module class or
+    type outside the allow-list. Nothing from it was run."""
+
+
 class ExportError(EffcompileError):
     """The program cannot be exported to ONNX or trained in ONNX Runtime as it stands."""
 

@@ -21,8 +21,15 @@ import torch
 import torch.fx
 
 from effcompile.analysis import float8_gemm_choice
+from effcompile.export.registry import UNSAVEABLE
 from effcompile.graph import get_attr_value, set_submodule
 from effcompile.patterns import find_linears
+
+# torchao's Float8Linear keeps its scaling recipe as config objects and its casts as code: not data the safe
+# module format stores, so saving refuses it with this message (float8 is CUDA-only; nothing checks it here).
+UNSAVEABLE_REASON = ("amp dtype=float8 installs torchao Float8Linear modules, which a saved folder cannot store "
+                     "as data; train the float8 model in the process that compiles it (`effcompile train MODEL "
+                     "--passes ...,amp --set amp.dtype=float8`), or save it compiled without amp.dtype=float8")
 
 
 def float8_requirement() -> str | None:
@@ -60,6 +67,7 @@ def swap_float8_linears(gm: torch.fx.GraphModule, recipe: str, min_dim: int) -> 
         shell.weight, shell.bias = weight, bias
         module = Float8Linear.from_float(shell, config=config)
         module.low_precision_ok = True
+        setattr(module, UNSAVEABLE, UNSAVEABLE_REASON)
         set_submodule(gm, owner, module)
         _call_module(gm, site.node, owner, site.input)
     return decisions

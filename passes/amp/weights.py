@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from effcompile.export.registry import serializable
+
 
 class _CachedCast(torch.autograd.Function):
     """Forward: the cached low-precision copy; backward: the gradient cast to the weight's dtype."""
@@ -29,6 +31,7 @@ class _CachedCast(torch.autograd.Function):
         return grad.to(ctx.weight_dtype), None
 
 
+@serializable(transient={"_copies": dict})
 class LowPrecisionWeights(torch.nn.Module):
     """Holds the low-precision copies of float32 weights, keyed by the weight's attribute path.
 

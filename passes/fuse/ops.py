@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from effcompile.export.registry import serializable
+
 from . import liger, reference
 
 _DTYPES = {"": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -117,6 +119,7 @@ def _rms_backward(ctx: Any, grad, _grad_rstd):
 _rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
 
 
+@serializable(name="fuse.rms_norm")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: float = 0.0, upcast: bool = True,
              mid_dtype: torch.dtype | None = None, weight_float: bool = False, out_dtype: torch.dtype | None = None,
              backend: str = "auto", compiled: str = "inductor") -> torch.Tensor:
@@ -153,6 +156,7 @@ class _LayerNorm(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+@serializable(name="fuse.layer_norm")
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                backend: str = "auto", compiled: str = "inductor") -> torch.Tensor:
     """Fused LayerNorm over the last dimension; under autocast it runs in float32, as ``layer_norm`` does."""
@@ -219,6 +223,7 @@ def _glu_backward(ctx: Any, grad):
 _glu_op.register_autograd(_glu_backward, setup_context=_glu_setup)
 
 
+@serializable(name="fuse.gated_activation")
 def gated_activation(a: torch.Tensor, b: torch.Tensor, kind: str, backend: str = "auto",
                      compiled: str = "inductor") -> torch.Tensor:
     """``act(a) * b`` (SwiGLU: ``silu``; GeGLU: ``gelu_tanh`` / ``gelu``), saving only ``a`` and ``b``."""
@@ -265,6 +270,7 @@ def _rotate_plain(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, split: 
     return x * cos + torch.cat((-x[..., split:], x[..., :split]), dim=-1) * sin
 
 
+@serializable(name="fuse.rotary_embedding")
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, split: Any,
                      backend: str = "auto", compiled: str = "inductor") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``t·cos + cat(-t[..., split:], t[..., :split])·sin`` for ``t`` = ``q`` and (if given) ``k``, one kernel for
@@ -356,6 +362,7 @@ def _lce_backward(ctx: Any, grad_loss, *_unused):
 _linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 
 
+@serializable(name="fuse.linear_cross_entropy")
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                          ignore_index: int = -100, reduction: int = 1, upcast: torch.dtype | None = None,
                          want_logits: bool = False, backend: str = "auto", compiled: str = "inductor",

@@ -37,6 +37,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from effcompile.export.registry import serializable
 from effcompile.patterns import HeadSite, find_loss_heads
 
 aten = torch.ops.aten
@@ -161,6 +162,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad_x, grad_w, grad_b) + (None,) * 6
 
 
+@serializable
 def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                  target: torch.Tensor, ignore_index: int = -100, reduction: int = 1,
                                  upcast: torch.dtype | None = torch.float32, rows: int = 0,
@@ -185,6 +187,7 @@ def chunked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: to
     return loss, logits
 
 
+@serializable
 def plain_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                target: torch.Tensor, ignore_index: int = -100, reduction: int = 1,
                                upcast: torch.dtype | None = torch.float32, rows: int = 0,

@@ -37,6 +37,8 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.fx.node import has_side_effect
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from effcompile.export.registry import serializable
+
 
 class Link(Protocol):
     """Moves whole storages (as 1-D uint8 tensors) between device and host memory without blocking compute."""
@@ -306,11 +308,13 @@ class _Session:
         self.marked.clear()
 
 
+@serializable
 def no_session() -> None:
     """The session placeholder in the parent graph (``OffloadedSpan`` passes the real one to its body)."""
     return None
 
 
+@serializable
 @has_side_effect  # no users, and no dead-code pass may drop it
 @torch._dynamo.disable  # under torch.compile: a graph break, the session's bookkeeping stays Python
 def offload_mark(session: _Session | None, tensor: Any, region: int) -> None:
@@ -319,6 +323,7 @@ def offload_mark(session: _Session | None, tensor: Any, region: int) -> None:
         session.mark(tensor, region)
 
 
+@serializable
 @has_side_effect
 @torch._dynamo.disable
 def offload_region_end(session: _Session | None, region: int, outputs: Sequence[Any]) -> None:
@@ -327,6 +332,7 @@ def offload_region_end(session: _Session | None, region: int, outputs: Sequence[
         session.region_end(region, outputs)
 
 
+@serializable(transient={"_links": dict, "_fixed_link": lambda: None})
 class OffloadedSpan(torch.nn.Module):
     """Runs ``body`` (a stateless GraphModule holding ``offload_mark``/``offload_region_end`` nodes) with the
     offload hooks installed for its forward. ``session_input`` is the position of the body input that

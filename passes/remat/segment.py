@@ -17,6 +17,8 @@ import torch
 import torch.fx
 from torch.utils.checkpoint import checkpoint
 
+from effcompile.export.registry import serializable
+
 aten = torch.ops.aten
 
 SEGMENT_PREFIX = "remat_segment_"
@@ -29,6 +31,7 @@ _RANDOM_TARGETS = {aten.dropout.default, aten.native_dropout.default, aten.berno
 _ATTENTION_WITH_DROPOUT = {aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
 
 
+@serializable
 class CheckpointedSegment(torch.nn.Module):
     """Runs ``body`` (a stateless GraphModule) under non-reentrant checkpointing: its intermediate
     activations are dropped after forward and recomputed in backward. ``preserve_rng_state`` is set when
@@ -45,6 +48,7 @@ class CheckpointedSegment(torch.nn.Module):
         return checkpoint(self.body, *args, use_reentrant=False, preserve_rng_state=self.preserve_rng_state)
 
 
+@serializable(name="remat.call_module")
 def _call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Call a submodule handed to a segment body as an input (keeps the module owned by the parent)."""
     return module(*args, **kwargs)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from effcompile.export.registry import serializable
+
 from .flash import FlashPlan, flash_groups_attention, flash_plan
 from .importance import scored_attention, select_important_tiles, tile_scores
 from .kernels import (
@@ -79,6 +81,7 @@ class MaskCache:
         return MaskCache()  # entries are derived data; a copy rebuilds what it needs (still shared by the copy)
 
 
+@serializable(transient=TRANSIENT_ATTRIBUTES)
 class SparseAttention(torch.nn.Module):
     """Sparse attention replacing one attention of a captured graph (see the module docstring).
 

@@ -104,18 +104,23 @@ def _main(args: argparse.Namespace) -> int:
     if not args.model:
         raise OptionError("no model given; run e.g. `effcompile examples/gpt.py --passes identity` "
                           "or `effcompile --list-passes`")
+    _check_arguments(args)
+    passes, file_options = passes_and_file_options(args)
+    if args.out:  # refuse a bad --out before doing any work, and hold it until the run ends
+        from ..export.folder import OutputClaim
 
+        inputs = [p for p in (args.model, args.config) if p and Path(p).exists()]
+        with OutputClaim(args.out, args.force, protect=inputs) as claim:
+            return _run(args, passes, file_options, claim)
+    return _run(args, passes, file_options, None)
+
+
+def _run(args: argparse.Namespace, passes: list[str], file_options: dict[str, Any], claim: Any) -> int:
     from .. import compile as compile_model
     from ..options import merge_options, parse_set_options
     from ..report import render
     from ..spec import resolve_spec
 
-    if args.out:  # refuse a bad --out before doing any work
-        from ..export.module import check_output_dir
-
-        check_output_dir(args.out, args.force)
-    _check_arguments(args)
-    passes, file_options = passes_and_file_options(args)
     options = merge_options(file_options, parse_set_options(args.set_options))
     device = parse_device(args.device)
     progress = progress_printer(args.progress, quiet=args.json)
@@ -125,8 +130,8 @@ def _main(args: argparse.Namespace) -> int:
     result = compile_model(spec, passes=passes, options=options, verify=not args.no_verify,
                            max_error=args.max_error, capture_path=args.capture,
                            dynamic_batch=not args.static_batch, progress=progress)
-    if args.out:
-        _write(result, args, progress)
+    if claim is not None:
+        _write(result, args, claim, progress)
     if args.json:
         print(result.report.to_json())
     else:
@@ -169,11 +174,11 @@ def passes_and_file_options(args: argparse.Namespace) -> tuple[list[str], dict[s
     return passes, file_options
 
 
-def _write(result: Any, args: argparse.Namespace, progress: Any) -> None:
-    from ..export.module import atomic_dir, save_module, write_report
+def _write(result: Any, args: argparse.Namespace, claim: Any, progress: Any) -> None:
+    from ..export.module import save_module, write_report
     from ..progress import stage
 
-    with atomic_dir(args.out, args.force) as staging:
+    with claim.staging() as staging:
         with stage(progress, "save") as note:
             save_module(result.module, staging / "module")
             note.detail = str(Path(args.out) / "module")

@@ -16,13 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError, OutputError, SpecError
+from ..errors import OptionError, SpecError
 from ..options import split_passes
 from ..train.config import LOSS_CURVE, LOSS_PLOT, RUN_FILES, STEP_LOG
 from .common import ArgumentParser, console, parse_device, progress_printer, spec_to_device
 from .run_record import resume_from_log_folder, write_run_record
 
 log = logging.getLogger(__name__)
+# What marks a folder (or its module/) written by `effcompile --out`; structure.pt is the old pickle
+# format, routed to load() so that it is refused with the way to re-create it.
+_SAVED_ENTRIES = ("module", "structure.json", "structure.pt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,10 +105,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
     resume_from_log_folder(args, parser)
     _check_arguments(args)
-    _check_out(args)
-    if args.backend == "ort":
-        return _train_ort(args)
-    return _train_torch(args)
+    if args.resume and not args.out:
+        raise OptionError("--resume needs --out LOGDIR (the folder holding the checkpoint)")
+    run = _train_ort if args.backend == "ort" else _train_torch
+    if not args.out:
+        return run(args)
+    from ..export.folder import claim_log_dir
+
+    # effcompile's own run folders only (marker), one run at a time (lock held until the run ends)
+    with claim_log_dir(args.out, args.force, args.resume, RUN_FILES):
+        return run(args)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -116,29 +125,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
     split_passes(args.passes or None)
 
 
-def _check_out(args: argparse.Namespace) -> None:
-    if args.resume and not args.out:
-        raise OptionError("--resume needs --out LOGDIR (the folder holding the checkpoint)")
-    if not args.out:
-        return
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; pass a folder path")
-    if args.resume:
-        return
-    holds_run = any((out / name).exists() for name in RUN_FILES)
-    if holds_run and not args.force:
-        raise OutputError(f"--out {out} already holds a training run; pass --resume to continue it, "
-                          "--force to start over, or another folder")
-    if holds_run:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-
-
 def _is_saved_folder(path: str) -> bool:
     folder = Path(path)
-    return folder.is_dir() and ((folder / "module").is_dir() or (folder / "structure.pt").exists()
-                                or (folder / "onnx").is_dir())
+    return folder.is_dir() and any((folder / name).exists() for name in _SAVED_ENTRIES + ("onnx",))
 
 
 def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int, Any]:
@@ -158,7 +147,7 @@ def _build(args: argparse.Namespace, device: Any) -> tuple[Any, int, int, Any]:
         if passes or args.set_options or args.model_arg:
             raise OptionError(f"{args.model} is an already compiled folder; --passes/--set/--model-arg apply to "
                               "model files and hf: types only")
-        if not (Path(args.model) / "module").is_dir() and not (Path(args.model) / "structure.pt").exists():
+        if not any((Path(args.model) / name).exists() for name in _SAVED_ENTRIES):
             raise SpecError(f"{args.model} holds no module/ folder (only ONNX artifacts); use --backend ort")
         example = compiled_example_inputs(args.model)
         shape = token_shape((), example) if isinstance(example, dict) else token_shape(example or ())

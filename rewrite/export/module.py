@@ -1,160 +1,130 @@
-"""Write results: the rewritten module (generated code + safetensors weights + structure), report.json,
-atomically into an output folder; and load a saved module back."""
+"""The saved module (``module/``): data only, loaded without running anything from the folder.
+
+- ``structure.json``: ``{"format": "effcompile-module", "version": 1, "tensors": {name: {dtype, shape,
+  parameter, requires_grad}}, "root": <module tree>}`` — the module tree, graphs and codegen as JSON
+  (``structure``, ``graphs``, ``values``), every callable and class resolved against ``allowlist``;
+- ``weights.safetensors``: each distinct tensor once under its table name (tied tensors are one entry
+  that several modules name; loading ties them again);
+- ``code.py``: the generated forward, for reading only (never imported).
+
+Loading checks that the weights hold exactly the table's tensors with the table's dtypes and shapes.
+A folder in the old pickle format (``structure.pt``) is refused (re-create it); so is anything off the
+allow-list (``UnsafeFolderError``) and any damaged file (``OutputError``): one line, exit 2.
+The output-folder protocol (marker, lock, atomic replace) lives in ``folder``; its ``check_output_dir``
+and ``atomic_dir`` are re-exported here.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import OutputError
-from . import serialize
+from ..errors import EffcompileError, OutputError, UnsafeFolderError
+from . import allowlist, graphs, structure, values
+from .folder import atomic_dir, check_output_dir
+
+__all__ = ["MODULE_DIR", "save_module", "load_module", "write_report", "atomic_dir", "check_output_dir"]
 
 MODULE_DIR = "module"
+STRUCTURE = "structure.json"
+WEIGHTS = "weights.safetensors"
+FORMAT = "effcompile-module"
+VERSION = 1
+_RECREATE = "re-create it with `effcompile MODEL --out DIR --force`"
 
 
-def check_output_dir(out: str | Path, force: bool) -> Path:
-    """Refuse an existing non-empty folder unless ``force``; refuse a path that is a file."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"--out {out} exists and is not empty; pass --force to replace it or choose another folder")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out``, on any failure it is removed,
-    so no partial ``out`` is ever left behind and an existing ``out`` survives a failed run."""
-    out = check_output_dir(out, force)
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
-        yield staging
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=parent))
-            os.replace(out, backup / "old")
-            os.replace(staging, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def save_module(gm: torch.fx.GraphModule, folder: str | Path) -> dict[str, str]:
-    """Save ``gm`` under ``folder``: ``code.py`` (its generated code, for reading), ``weights.safetensors``
-    (every parameter and buffer; tied tensors stored once and re-tied on load) and ``structure.pt``
-    (the module with its tensors on the meta device). Returns the file paths by kind."""
+def save_module(gm: torch.nn.Module, folder: str | Path) -> dict[str, str]:
+    """Save ``gm`` under ``folder``: ``structure.json``, ``weights.safetensors`` and ``code.py``. Returns the
+    file paths by kind. Raises OutputError naming the module/node/attribute that is not data (an
+    unregistered effcompile class is an effcompile bug; the message says how to register it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "code.py").write_text(gm.code)
-    tensors, aliases = _unique_state(gm)
-    save_file(tensors, str(folder / "weights.safetensors"), metadata={"aliases": json.dumps(aliases)})
-    (folder / "structure.pt").write_bytes(serialize.dumps(copy_to_meta(gm)))
-    return {"code": str(folder / "code.py"), "weights": str(folder / "weights.safetensors"),
-            "structure": str(folder / "structure.pt")}
-
-
-def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Parameters, buffers and the plain tensor attributes a graph reads (export's lifted constants)."""
-    yield from module.named_parameters(remove_duplicate=False)
-    yield from module.named_buffers(remove_duplicate=False)
-    if isinstance(module, torch.fx.GraphModule):
-        registered = {name for name, _ in module.named_parameters(remove_duplicate=False)}
-        registered |= {name for name, _ in module.named_buffers(remove_duplicate=False)}
-        for node in module.graph.nodes:
-            if node.op == "get_attr" and str(node.target) not in registered:
-                owner, _, attr = str(node.target).rpartition(".")
-                value = getattr(module.get_submodule(owner), attr)
-                if isinstance(value, torch.Tensor):
-                    registered.add(str(node.target))
-                    yield str(node.target), value
-
-
-def _unique_state(gm: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Each distinct tensor once (safetensors refuses shared storage); tied names map to their owner."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    owner_of: dict[int, str] = {}
-    for name, tensor in _named_tensors(gm):
-        if id(tensor) in owner_of:
-            aliases[name] = owner_of[id(tensor)]
-            continue
-        owner_of[id(tensor)] = name
-        tensors[name] = tensor.detach().contiguous().cpu().clone()
-    return tensors, aliases
-
-
-def copy_to_meta(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A deep copy of ``gm`` whose parameters and buffers live on the meta device (no data)."""
-    import copy
-
-    memo: dict[int, Any] = {}
-    for _, tensor in _named_tensors(gm):
-        if id(tensor) not in memo:
-            meta = torch.empty_like(tensor, device="meta")
-            memo[id(tensor)] = torch.nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else meta
-    return copy.deepcopy(gm, memo)
+    try:
+        encoded = structure.encode_module(gm)
+    except (values.NotEncodable, allowlist.NotAllowed) as error:
+        raise OutputError(f"cannot save the module: {error}") from None
+    table = {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                    "parameter": isinstance(t, torch.nn.Parameter), "requires_grad": bool(t.requires_grad)}
+             for name, t in encoded.tensors.items()}
+    document = {"format": FORMAT, "version": VERSION, "torch": torch.__version__, "tensors": table,
+                "root": encoded.root}
+    (folder / STRUCTURE).write_text(json.dumps(document, allow_nan=False, separators=(",", ":")))
+    tensors = {name: t.detach().contiguous().cpu().clone() for name, t in encoded.tensors.items()}
+    try:
+        save_file(tensors, str(folder / WEIGHTS), metadata={"format": FORMAT, "version": str(VERSION)})
+    except SafetensorError as error:
+        raise OSError(f"writing {WEIGHTS} failed: {str(error)[:200]}") from None
+    code = gm.code if isinstance(gm, torch.fx.GraphModule) else ""
+    (folder / "code.py").write_text("# effcompile: the generated forward, for reading only (never imported)\n" + code)
+    return {"structure": str(folder / STRUCTURE), "weights": str(folder / WEIGHTS), "code": str(folder / "code.py")}
 
 
 def load_module(folder: str | Path, device: str | torch.device = "cpu") -> torch.fx.GraphModule:
-    """Load a module written by ``save_module`` (or an ``--out`` folder): structure, then weights, with
-    tied parameters tied again. Returns a trainable GraphModule on ``device``."""
+    """Load a module written by ``save_module`` (an ``--out`` folder or its ``module/``) onto ``device``.
+    Runs nothing from the folder. Raises UnsafeFolderError (an old pickle folder, a name off the
+    allow-list) or OutputError (missing or damaged files, tensors that disagree with the structure)."""
     folder = Path(folder)
     if (folder / MODULE_DIR).is_dir():
         folder = folder / MODULE_DIR
-    for needed in ("structure.pt", "weights.safetensors"):
-        if not (folder / needed).exists():
-            raise OutputError(f"{folder} has no {needed}; pass an effcompile --out folder or its module/ folder")
-    gm = serialize.loads((folder / "structure.pt").read_bytes())
-    from safetensors import safe_open
-
-    with safe_open(str(folder / "weights.safetensors"), framework="pt") as handle:
-        aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
-    tensors = load_file(str(folder / "weights.safetensors"), device=str(device))
-    state = dict(tensors)
-    for alias, owner in aliases.items():
-        state[alias] = tensors[owner]
-    missing = set(gm.load_state_dict(state, assign=True, strict=False).missing_keys)
-    for name in list(missing):
-        if name in state:  # a plain tensor attribute (export constant), not a parameter or buffer
-            owner, _, attr = name.rpartition(".")
-            module = gm.get_submodule(owner)
-            if attr in module._buffers:
-                module._buffers[attr] = state[name]
-            else:
-                setattr(module, attr, state[name])
-            missing.discard(name)
-    if missing:
-        raise OutputError(f"{folder}: weights.safetensors lacks {sorted(missing)[:3]}; the folder is damaged, "
-                          "write it again with effcompile --out")
-    _retie(gm, aliases)
-    return gm
+    if not (folder / STRUCTURE).exists():
+        if (folder / "structure.pt").exists():
+            raise UnsafeFolderError(f"{folder} was written by an older effcompile as a pickle (structure.pt), which "
+                                    f"is not loaded because unpickling can run code; {_RECREATE}")
+        raise OutputError(f"{folder} has no {STRUCTURE}; pass an effcompile --out folder or its module/ folder")
+    try:
+        document = graphs.as_dict(json.loads((folder / STRUCTURE).read_text()), STRUCTURE)
+        if document.get("format") != FORMAT or document.get("version") != VERSION:
+            raise OutputError(f"{folder / STRUCTURE} is not an effcompile module of format version {VERSION}; {_RECREATE}")
+        tensors = _load_tensors(folder, graphs.as_dict(document.get("tensors"), "tensors"), device)
+        module = structure.decode_module(document.get("root"), tensors)
+    except EffcompileError as error:
+        message = str(error) if STRUCTURE in str(error) or WEIGHTS in str(error) else f"{folder / STRUCTURE}: {error}"
+        if "--force" not in message:
+            message += f"; {_RECREATE} from a model you trust"
+        raise type(error)(message) from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError,
+            RuntimeError) as error:
+        raise OutputError(f"{folder / STRUCTURE} is damaged ({type(error).__name__}: {str(error)[:160]}); "
+                          f"{_RECREATE}") from None
+    if not isinstance(module, torch.fx.GraphModule):
+        raise OutputError(f"{folder / STRUCTURE}: the root is not a graph module; {_RECREATE}")
+    return module
 
 
-def _retie(gm: torch.nn.Module, aliases: dict[str, str]) -> None:
-    for alias, owner in aliases.items():
-        owner_module, _, owner_attr = owner.rpartition(".")
-        alias_module, _, alias_attr = alias.rpartition(".")
-        value = getattr(gm.get_submodule(owner_module), owner_attr)
-        target = gm.get_submodule(alias_module)
-        if isinstance(value, torch.nn.Parameter):
-            target._parameters[alias_attr] = value
-        else:
-            target._buffers[alias_attr] = value
+def _load_tensors(folder: Path, table: dict[str, Any], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The weights, checked against the structure's table (same names, dtypes, shapes); parameters as
+    ``nn.Parameter`` with their ``requires_grad``. Raises OutputError."""
+    path = folder / WEIGHTS
+    if not path.exists():
+        raise OutputError(f"{folder} has no {WEIGHTS}; {_RECREATE}")
+    try:
+        loaded = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise OutputError(f"{path} is damaged or truncated ({str(error)[:160]}); {_RECREATE}") from None
+    missing, extra = sorted(set(table) - set(loaded)), sorted(set(loaded) - set(table))
+    if missing or extra:
+        what = f"lacks {missing[:3]}" if missing else f"holds tensors the structure does not name: {extra[:3]}"
+        raise OutputError(f"{path} {what}; the folder is damaged, {_RECREATE}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, spec in table.items():
+        spec = graphs.as_dict(spec, f"tensor {name}")
+        tensor = loaded[name]
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype != spec.get("dtype") or list(tensor.shape) != spec.get("shape"):
+            raise OutputError(f"{path}: tensor {name} is {dtype}{list(tensor.shape)} but the structure says "
+                              f"{spec.get('dtype')}{spec.get('shape')}; the folder is damaged, {_RECREATE}")
+        if spec.get("parameter"):
+            tensor = torch.nn.Parameter(tensor, requires_grad=bool(spec.get("requires_grad")))
+        elif spec.get("requires_grad"):
+            tensor.requires_grad_(True)
+        tensors[name] = tensor
+    return tensors
 
 
 def write_report(report_json: str, folder: str | Path) -> str:

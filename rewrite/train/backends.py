@@ -6,6 +6,12 @@ saves/restores its own state; the loop owns the data, the log, validation, stopp
   one ``checkpoint.pt`` (model, optimizer, scheduler, AGA, RNG states and the loop's state).
 - ``OrtBackend``: ONNX Runtime training artifacts (``OrtTrainer``), AdamW as exported, the warm-up /
   cosine schedule applied per step; its checkpoint is ``ort_checkpoint`` plus ``ort_state.json``.
+
+Checkpoints are data: ``checkpoint.pt`` is read with ``torch.load(weights_only=True)`` (tensors and plain
+Python values, so a crafted file runs no code), ``ort_state.json`` as JSON, ``ort_checkpoint`` by ONNX
+Runtime (flatbuffers). A damaged, truncated or foreign checkpoint is one OutputError. Each file is written
+beside its final name and renamed over it, so a failed write (disk full: an OSError, which the loop reports
+as one line) keeps the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -22,14 +28,17 @@ from typing import Any
 
 import torch
 
-from ..errors import SpecError
+from ..errors import OutputError, SpecError
 from ..plans import ExecutionPlan
 from .aga import AdaptiveAccumulation, GradientVarianceMeter
-from .config import CHECKPOINT, ORT_CHECKPOINT, ORT_STATE, TrainConfig
+from .config import CHECKPOINT, ORT_CHECKPOINT, ORT_STATE, TEMPORARY_SUFFIX, TrainConfig
 from .inputs import check_shape, input_builder, objective, token_shape
 from .schedules import LayerSchedule, build_optimizer
 
 NextBatch = Callable[[], torch.Tensor]
+#: What every checkpoint's loop state holds (``Trainer.save_checkpoint``).
+LOOP_STATE_KEYS = frozenset({"step", "position", "tokens", "train_seconds", "validation"})
+_START_OVER = "start over with --force or resume from an intact checkpoint"
 
 
 @dataclass
@@ -64,13 +73,49 @@ class Backend:
 
     def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> Path:
         """Write this backend's state and the loop's ``state`` (JSON-ready) under ``folder``; returns the
-        checkpoint's path."""
+        checkpoint's path. Raises OSError when a write fails, having removed its partial files (the
+        previous checkpoint stays)."""
         raise NotImplementedError
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
         """Restore what ``save_checkpoint`` wrote under ``folder``; returns the loop's state. Raises
-        SpecError when there is no checkpoint."""
+        SpecError when there is no checkpoint, OutputError for a damaged or foreign one."""
         raise NotImplementedError
+
+
+def replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temporary)`` beside ``path``, then rename it over ``path``; on any error the temporary is
+    removed (file or folder) and the error re-raised, so ``path`` keeps its previous contents."""
+    temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if temporary.is_dir() and not temporary.is_symlink():
+            import shutil
+
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """``checkpoint.pt``'s contents, read with ``torch.load(weights_only=True)``: tensors and plain Python data
+    only, so a crafted file runs no code. Raises OutputError for a damaged, truncated or foreign file."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, RuntimeError, OSError, ValueError,
+            AttributeError, ImportError, KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise OutputError(f"{path} is damaged or not an effcompile checkpoint (it loads only tensors and plain "
+                          f"data: {reason}); {_START_OVER}") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "aga", "rng"} | LOOP_STATE_KEYS <= set(state):
+        raise OutputError(f"{path} is not an effcompile checkpoint; {_START_OVER}")
+    return state
 
 
 # ------------------------------------------------------------------------------------------------ torch
@@ -183,9 +228,7 @@ class TorchBackend(Backend):
         everything = {**state, "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                       "scheduler": self.scheduler.state_dict(), "aga": self.aga.state_dict(),
                       "rng": _rng_state(self.device)}
-        temporary = path.with_suffix(".tmp")
-        torch.save(everything, temporary)
-        os.replace(temporary, path)
+        replace_atomically(path, lambda temporary: torch.save(everything, temporary))
         return path
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
@@ -194,7 +237,16 @@ class TorchBackend(Backend):
         path = folder / CHECKPOINT
         if not path.exists():
             raise SpecError(f"--resume: {path} does not exist; run without --resume first")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(path, self.device)
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as error:
+            raise OutputError(f"{path} does not match this run ({type(error).__name__}: {str(error)[:160]}); resume "
+                              "with the model and options that wrote it, or start over with --force") from None
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Load the model, optimizer, scheduler, AGA and RNG parts of ``state`` (popping them)."""
         self.module.load_state_dict(state.pop("model"))
         self.optimizer.load_state_dict(state.pop("optimizer"))
         schedules = [dict(vars(f)) for f in self.scheduler.lr_lambdas]
@@ -210,7 +262,6 @@ class TorchBackend(Backend):
         if "cuda" in rng:
             rng["cuda"] = rng["cuda"].cpu()
         _set_rng_state(rng, self.device)
-        return state
 
 
 def should_compile(setting: str, execution: ExecutionPlan | None) -> bool:
@@ -313,10 +364,12 @@ class OrtBackend(Backend):
         return sum(self.trainer.eval(self._feeds(b)) for b in batches) / len(batches)
 
     def save_checkpoint(self, folder: Path, state: dict[str, Any]) -> Path:
-        """``folder/ort_checkpoint`` (parameters, AdamW moments) and ``folder/ort_state.json`` (the loop)."""
+        """``folder/ort_checkpoint`` (parameters, AdamW moments) and ``folder/ort_state.json`` (the loop), each
+        replaced atomically."""
         folder.mkdir(parents=True, exist_ok=True)
-        path = Path(self.trainer.save_checkpoint(folder / ORT_CHECKPOINT))
-        (folder / ORT_STATE).write_text(json.dumps(state, default=str))
+        path = folder / ORT_CHECKPOINT
+        replace_atomically(path, lambda temporary: self.trainer.save_checkpoint(temporary))
+        replace_atomically(folder / ORT_STATE, lambda temporary: temporary.write_text(json.dumps(state, default=str)))
         return path
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
@@ -324,8 +377,14 @@ class OrtBackend(Backend):
         state_file = folder / ORT_STATE
         if not state_file.exists():
             raise SpecError(f"--resume: {state_file} does not exist; run without --resume first")
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError) as error:
+            raise OutputError(f"{state_file} is damaged ({str(error)[:160]}); {_START_OVER}") from None
+        if not isinstance(state, dict) or not LOOP_STATE_KEYS <= set(state):
+            raise OutputError(f"{state_file} is not an effcompile training state; {_START_OVER}")
         self._checkpoint, self._trainer = folder / ORT_CHECKPOINT, None
-        return json.loads(state_file.read_text())
+        return state
 
 
 def exported_shape(folder: str | Path) -> tuple[int | None, int | None]:

@@ -23,8 +23,11 @@ ORT_STATE = "ort_state.json"
 LOSS_CURVE = "loss_curve.json"
 LOSS_PLOT = "loss_curve.png"
 RUN_RECORD = "run.json"
-#: The files whose presence means a folder holds a training run (``--force`` removes them).
-RUN_FILES = (STEP_LOG, CHECKPOINT, SUMMARY, ORT_STATE, LOSS_CURVE, LOSS_PLOT, RUN_RECORD)
+#: Appended to a checkpoint file's name while it is written (then renamed over the file).
+TEMPORARY_SUFFIX = ".tmp"
+#: The files whose presence means a folder holds a training run (``--force`` removes them, and only them).
+RUN_FILES = (STEP_LOG, CHECKPOINT, SUMMARY, ORT_CHECKPOINT, ORT_STATE, LOSS_CURVE, LOSS_PLOT, RUN_RECORD,
+             CHECKPOINT + TEMPORARY_SUFFIX, ORT_CHECKPOINT + TEMPORARY_SUFFIX, ORT_STATE + TEMPORARY_SUFFIX)
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from ..errors import SpecError
+from ..errors import OutputError, SpecError
+from ..export.folder import prepare_log_dir
 from ..plans import ExecutionPlan
 from .backends import Backend, TorchBackend
-from .config import STEP_LOG, SUMMARY, TrainConfig
+from .config import RUN_FILES, STEP_LOG, SUMMARY, TrainConfig
 from .curve import write_loss_curve
 from .data import Batches, Corpus, load_corpus
 from .prefetch import Prefetcher
@@ -97,13 +98,26 @@ class Trainer:
             raise SpecError("checkpoints need a log folder; pass --out LOGDIR (log_dir=...)")
         return self.log_dir
 
+    def _run_folder(self) -> Path:
+        """The log folder, made a training-run folder (``effcompile.json`` marker) if it is new; a non-empty
+        folder effcompile train did not write is refused (OutputError), never written into."""
+        folder = self._folder()
+        prepare_log_dir(folder, resume=True, run_files=RUN_FILES)
+        return folder
+
     def save_checkpoint(self) -> Path:
         """Write the backend's state and the loop's (step, data position, tokens, time, validation);
-        returns the checkpoint's path. Raises SpecError without a log folder."""
+        returns the checkpoint's path. Raises SpecError without a log folder, OutputError when the folder
+        cannot be written (disk full: the previous checkpoint is kept)."""
         state = {"step": self.step, "position": self.position, "tokens": self.tokens,
                  "train_seconds": self.train_seconds, "validation": self.validation,
                  "target_reached": self.target_reached, "config": dataclasses.asdict(self.config)}
-        return self.backend.save_checkpoint(self._folder(), state)
+        folder = self._run_folder()
+        try:
+            return self.backend.save_checkpoint(folder, state)
+        except OSError as error:  # the backend removed its partial files; the previous checkpoint stays
+            raise OutputError(f"could not write the checkpoint in {folder}: {error.strerror or error}; free space "
+                              "or pass another --out (the previous checkpoint is kept)") from None
 
     def load_checkpoint(self) -> int:
         """Restore the state saved by ``save_checkpoint``; returns the step it resumes at."""
@@ -207,7 +221,7 @@ class Trainer:
         config = self.config
         log_file = None
         if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._run_folder()
             log_file = (self.log_dir / STEP_LOG).open("a")
         pending: list[dict[str, Any]] = []
         self._interval_start = time.perf_counter()

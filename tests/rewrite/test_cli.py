@@ -162,15 +162,21 @@ def test_order_violation_is_refused_before_running(monkeypatch, tmp_path, capsys
     assert "pass 'second' must run after 'identity'" in stderr and "--passes identity,second" in stderr
 
 
-def test_out_refuses_non_empty_folder_without_force(tmp_path, capsys):
+def test_out_replaces_only_effcompile_folders_and_only_with_force(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for force in ([], ["--force"]):
+        code, _, stderr = run([write(tmp_path, GOOD), "--out", mine, *force], capsys)
+        assert code == 2 and "not written by effcompile" in stderr
+        assert (mine / "notes.txt").read_text() == "keep me"
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep me")
+    assert run([write(tmp_path, GOOD), "--out", out], capsys)[0] == 0
     code, _, stderr = run([write(tmp_path, GOOD), "--out", out], capsys)
     assert code == 2 and "--force" in stderr
-    assert (out / "mine.txt").read_text() == "keep me"
+    (out / "extra.txt").write_text("inside an effcompile folder")
     code, _, _ = run([write(tmp_path, GOOD), "--out", out, "--force"], capsys)
-    assert code == 0 and (out / "report.json").exists() and not (out / "mine.txt").exists()
+    assert code == 0 and (out / "report.json").exists() and not (out / "extra.txt").exists()
 
 
 def test_failure_leaves_no_partial_output(monkeypatch, tmp_path, capsys):
@@ -180,7 +186,7 @@ def test_failure_leaves_no_partial_output(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr("effcompile.export.module.save_module", broken_save)
     out = tmp_path / "out"
     code, _, stderr = run([write(tmp_path, GOOD), "--out", out], capsys)
-    assert code == 3 and "disk full" in stderr and "--debug" in stderr
+    assert code == 2 and "disk full" in stderr and len(stderr.strip().splitlines()) == 1
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model.py"]
 
