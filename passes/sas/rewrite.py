@@ -24,6 +24,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from effcompile.export.registry import serializable
 from effcompile.graph import reads_only_shape, set_submodule
 from effcompile.patterns import ASSERTION_OPS, AttentionSite, LinearSite, is_softmax
 
@@ -330,6 +331,7 @@ def _install_call(graph: torch.fx.Graph, plan: SitePlan, target: str, exported: 
     return graph.call_module(target, (site.query, key, site.value), kwargs)
 
 
+@serializable(name="sas.masked_bias")  # a graph function: saved folders name it
 def masked_bias(bias: torch.Tensor, keep: torch.Tensor, heads_in_batch: int = 0) -> torch.Tensor:
     """An additive bias (``[B·H, Sq, Sk]`` when ``heads_in_batch`` > 0, else broadcastable to the scores) with
     ``-inf`` where the boolean ``keep`` mask (True = attend) masks: one additive mask for both."""
