@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--static-batch", action="store_true",
                         help="export at the example batch size only (faster capture; default: dynamic batch)")
     parser.add_argument("--out", help="write report.json, the rewritten module and exports here")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out folder that effcompile wrote (a folder without its effcompile.json marker is never replaced)")
     parser.add_argument("--export", action="append", default=[], choices=EXPORT_KINDS,
                         help="also export: onnx (ORT training artifacts), onnx-eval (inference model only)")
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate baked into the ORT optimizer (default 1e-3)")

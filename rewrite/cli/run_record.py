@@ -5,9 +5,10 @@ It holds the MODEL as given to ``effcompile train`` (a model file or a compiled 
 or ``hf:<type>``), ``--model-arg``, ``--passes``, ``--set``, ``--capture``, ``--backend``, and the data and
 shape options (``--data`` as an absolute path or ``stdlib``, ``--max-bytes``, ``--val-fraction``,
 ``--seed``, ``--batch``, ``--seq``). Resuming rebuilds the model from these (a model file it names runs
-again, as it did on the first run, so the file must still be there), then loads the checkpoint's weights
-and state. Flags given on the resuming command line win over the record where they differ from their
-defaults (``--steps 3000`` extends a run); the model-defining ones cannot be given again.
+again, as it did on the first run, so the file must still be there; a record naming a relative path or a
+file inside the log folder is refused: a folder someone sent cannot bring the code it runs), then loads the
+checkpoint's weights and state. Flags given on the resuming command line win over the record where they
+differ from their defaults (``--steps 3000`` extends a run); the model-defining ones cannot be given again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import OptionError, SpecError
+from ..errors import OptionError, SpecError, UnsafeFolderError
 from ..train.config import RUN_FILES, RUN_RECORD
 
 FORMAT = 1
@@ -93,4 +94,20 @@ def _read(folder: Path) -> dict[str, Any]:
             key not in record for key in RUN_OPTIONS):
         raise SpecError(f"{path} is not a run record this effcompile writes (format {FORMAT}); resume by naming "
                         f"the model: effcompile train MODEL --resume --out {folder}")
+    _check_model_outside(folder, path, record["model"])
     return record
+
+
+def _check_model_outside(folder: Path, path: Path, model: str) -> None:
+    """A model file the record names runs when the run resumes, so it must be one this machine already has: an
+    absolute path outside the log folder. A folder someone sent cannot bring the code it runs."""
+    if model.startswith("hf:"):
+        return
+    if not Path(model).is_absolute():
+        raise SpecError(f"{path} names the model {model!r}, not an absolute path as effcompile writes it; resume "
+                        f"by naming the model: effcompile train MODEL --resume --out {folder}")
+    target, home = Path(model).resolve(), folder.resolve()
+    if home in target.parents and not target.is_dir():  # a compiled folder is loaded as data; a file runs
+        raise UnsafeFolderError(f"{path} names the model {model}, inside the log folder itself; resuming runs no "
+                                f"code from the folder: check the file and name it yourself: effcompile train "
+                                f"MODEL --resume --out {folder}")

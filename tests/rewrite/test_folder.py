@@ -1,10 +1,12 @@
 """The output-folder protocol: --force replaces only effcompile's own folders, --out is checked before any
 work, one writer at a time, a kill leaves the old or the new folder, write errors are one line (exit 2);
-the train --out log folder follows the same rules, and a tampered checkpoint runs no code on --resume."""
+the train --out log folder follows the same rules, and a tampered checkpoint or run record runs no code on
+--resume."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import stat
@@ -260,6 +262,29 @@ def test_resume_with_a_tampered_or_damaged_checkpoint_runs_nothing(tmp_path, cap
     assert code == 2 and "damaged" in err, err
     checkpoint.write_bytes(intact)
     assert run(["train", *_train(tmp_path, "--out", out, *options, "--resume", "--steps", "2")], capsys)[0] == 0
+
+
+def test_resuming_a_log_folder_by_its_run_record_runs_nothing_from_it(tmp_path, capsys, monkeypatch):
+    # `effcompile train LOGDIR --resume` rebuilds the model from LOGDIR/run.json: the checkpoint is still read
+    # as data, and a record naming a model file inside the folder (or a relative path) is refused, not run.
+    out = tmp_path / "run"
+    assert run(["train", *_train(tmp_path, "--out", out)], capsys)[0] == 0
+    record_path, checkpoint, marker = out / "run.json", out / "checkpoint.pt", tmp_path / "ran"
+    record, intact = json.loads(record_path.read_text()), checkpoint.read_bytes()
+    resume = ["train", out, "--resume", "--steps", "2", "--quiet"]
+    _tampered_checkpoint(checkpoint, marker)
+    code, err = run(resume, capsys)
+    assert code == 2 and "checkpoint" in err and not marker.exists(), err
+    checkpoint.write_bytes(intact)
+    (out / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n" + textwrap.dedent(TOKENS))
+    monkeypatch.chdir(out)  # where the relative name would find the file
+    for model, message in ((out / "evil.py", "inside the log folder itself"), ("evil.py", "not an absolute path")):
+        record_path.write_text(json.dumps({**record, "model": str(model)}))
+        code, err = run(resume, capsys)
+        assert code == 2 and message in err and "effcompile train MODEL --resume --out" in err, err
+        assert not marker.exists()
+    record_path.write_text(json.dumps(record))
+    assert run(resume, capsys)[0] == 0
 
 
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_old_checkpoint(tmp_path, capsys, monkeypatch):
