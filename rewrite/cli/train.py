@@ -292,11 +292,18 @@ def compiled_example_inputs(folder: str) -> tuple | dict[str, Any] | None:
     ``example_inputs`` takes them; None when the report does not record them (or records both kinds)."""
     import torch
 
+    def make(described: Any) -> Any:
+        if described is None:
+            return None
+        dtype, shape = getattr(torch, described["dtype"]), described["shape"]
+        if not isinstance(dtype, torch.dtype) or not all(type(n) is int and n >= 0 for n in shape):
+            raise ValueError(f"not a recorded input: {described}")  # report.json is data: no other attribute
+        return torch.zeros(shape, dtype=dtype)
+
     try:
         recorded = json.loads((Path(folder) / "report.json").read_text())["model"]["example_inputs"]
-        make = lambda d: None if d is None else torch.zeros(d["shape"], dtype=getattr(torch, d["dtype"]))  # noqa: E731
         args, kwargs = tuple(make(d) for d in recorded["args"]), {k: make(d) for k, d in recorded["kwargs"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
         return None
     return None if args and kwargs else (args or kwargs or None)
 

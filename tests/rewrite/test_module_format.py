@@ -359,3 +359,18 @@ def test_float8_linears_are_refused_at_save_with_the_fix(monkeypatch, tmp_path):
     with pytest.raises(effcompile.OutputError, match="amp dtype=float8 .*Float8Linear.*amp.dtype=float8"):
         effcompile.export.module.save_module(graph_module, tmp_path / "a")
     assert not (tmp_path / "a" / "structure.json").exists()
+
+
+@pytest.mark.parametrize("described, expected", [
+    ({"shape": [2, 3], "dtype": "int64"}, (2, 3)),
+    ({"shape": [2, 3], "dtype": "save"}, None),  # a torch function, not a dtype: never called
+    ({"shape": [2, -3], "dtype": "int64"}, None),
+    ({"shape": ["2"], "dtype": "int64"}, None),
+])
+def test_report_example_inputs_are_read_as_data(tmp_path, described, expected):
+    from effcompile.cli.train import compiled_example_inputs
+
+    (tmp_path / "report.json").write_text(json.dumps({"model": {"example_inputs": {"args": [described],
+                                                                                    "kwargs": {}}}}))
+    inputs = compiled_example_inputs(str(tmp_path))
+    assert (None if inputs is None else tuple(inputs[0].shape)) == expected
