@@ -36,6 +36,11 @@ CASES = [
                                            "remat": {"policy": "blocks"}}),
     ("bert", ["pipeline"], {}),
     ("llama", ["lora", "sas", "amp", "remat"], {"sas": {"block_size": 128, "window": 128}}),
+    # fuse's Liger kernels and remat's offload to host memory exist on CUDA only
+    ("llama", ["sas", "fuse", "amp", "remat"], {"sas": {"block_size": 128, "window": 128},
+                                                "remat": {"policy": "blocks"}}),
+    ("gpt2", ["remat"], {"remat": {"policy": "blocks", "offload": "on", "link_bandwidth": 1e18,
+                                   "offload_min_bytes": 0}}),
 ]
 
 
