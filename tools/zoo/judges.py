@@ -165,10 +165,18 @@ class Trajectory:
 def trajectory(original: torch.nn.Module, compiled: torch.nn.Module, objective: Objective, args: tuple,
                kwargs: dict, steps: int = TRAJECTORY_STEPS, candidate_objective: Objective | None = None,
                lr: float = TRAJECTORY_LR) -> Trajectory:
-    """Train a deep copy of ``original`` and a deep copy of ``compiled`` for ``steps`` AdamW steps on the
-    same batches (``shifted_batches``) and compare the loss curves. Neither argument is changed."""
+    """Train ``original`` (in place, its state restored afterwards: a deep copy of a model whose closures
+    reach its submodules would train only part of itself) and a deep copy of ``compiled`` for ``steps``
+    AdamW steps on the same batches (``shifted_batches``) and compare the loss curves. Neither argument is
+    changed."""
     batches = shifted_batches(args, kwargs, steps)
-    reference = train_losses(copy.deepcopy(original).train(original.training), objective, batches, lr)
+    saved = {name: value.detach().clone() for name, value in original.state_dict().items()}
+    try:
+        reference = train_losses(original, objective, batches, lr)
+    finally:
+        with torch.no_grad():
+            original.load_state_dict(saved)
+        original.zero_grad(set_to_none=True)
     candidate = train_losses(copy.deepcopy(compiled).train(compiled.training), candidate_objective or objective,
                              batches, lr)
     max_rel = max((abs(a - b) / max(abs(a), 1e-6) for a, b in zip(reference, candidate)), default=0.0)
