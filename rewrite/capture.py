@@ -50,6 +50,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     if path in ("auto", "symbolic_trace") and not _is_hf_model(module):
         try:
             gm = _symbolic_trace(module, spec)
+            repoint_aliases(gm, module, spec.module)
             return Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "symbolic_trace", spec.name,
                            {"fallback_reason": None})
         except Exception as error:  # symbolic tracing fails in many ways; export gets its turn
@@ -68,6 +69,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
         detail = "; ".join(failures + [f"torch.export: {_where(error)}"])
         raise CaptureError(f"cannot capture {spec.name}: {detail}; make that code traceable "
                            "(no data-dependent Python control flow) or wrap it in a leaf module") from error
+    repoint_aliases(gm, module, spec.module)
     program = Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "export", spec.name,
                       {"fallback_reason": failures[0] if failures else None})
     if canonical:
@@ -77,6 +79,106 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     del module
     gc.collect()  # export leaves the deep copy's tensors in reference cycles: free them now, not at some later gc
     return program
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def repoint_aliases(gm: torch.fx.GraphModule, copy_: torch.nn.Module, original: torch.nn.Module) -> int:
+    """Re-point every graph constant that aliases a parameter or buffer of the user's ``original`` model
+    to ``copy_``'s tensor of the same name (registered on ``gm`` under that name if absent).
+
+    A closure stored on a module (``self.f = lambda x: m.mlp(x)``) survives ``copy.deepcopy`` by reference,
+    so tracing the copy reaches the original's tensors and lifts them as constants: the copy would never
+    train them and would share storage with the user's model. Returns how many constants were re-pointed.
+    Raises CaptureError when a constant shares storage with a trainable user tensor that has no name in the
+    model (a tensor requiring grad held outside the module tree), or with only part of a named one.
+    """
+    named = {_tensor_key(t): (name, kind) for kind, items in (("parameter", original.named_parameters()),
+                                                               ("buffer", original.named_buffers()))
+             for name, t in items}
+    storages = {key[0] for key in named} | _closure_trainables(original)
+    own = {id(p) for p in gm.parameters()}
+    repointed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        try:
+            value = _attr(gm, node.target)
+        except AttributeError:
+            continue
+        if not isinstance(value, torch.Tensor) or id(value) in own or value.device.type == "meta":
+            continue
+        hit = named.get(_tensor_key(value))
+        if hit is None:
+            if value.untyped_storage().data_ptr() in storages or value.requires_grad:
+                raise CaptureError(f"cannot capture: graph constant {node.target} shares storage with a tensor of "
+                                   "the user's model that has no parameter/buffer name (held outside the module "
+                                   "tree, e.g. by a closure); make it a parameter or buffer of the model")
+            continue
+        name, kind = hit
+        target = copy_.get_parameter(name) if kind == "parameter" else copy_.get_buffer(name)
+        if not _has_attr(gm, name):
+            _set_attr(gm, name, target, kind)
+        stale, node.target = node.target, name
+        if not any(n.op == "get_attr" and n.target == stale for n in gm.graph.nodes):
+            _del_attr(gm, stale)
+        repointed += 1
+    if repointed:
+        gm.graph.lint()
+        gm.recompile()
+        log.info("re-pointed %d constant(s) aliasing the user's model to the copy's own tensors", repointed)
+    return repointed
+
+
+def _closure_trainables(original: torch.nn.Module) -> set[int]:
+    """Storages of tensors requiring grad that functions stored on the model's modules close over."""
+    found: set[int] = set()
+    for module in original.modules():
+        for value in vars(module).values():
+            for cell in getattr(value, "__closure__", None) or ():
+                try:
+                    content = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if isinstance(content, torch.Tensor) and content.requires_grad:
+                    found.add(content.untyped_storage().data_ptr())
+    return found
+
+
+def _attr(root: torch.nn.Module, target: str) -> Any:
+    value: Any = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _has_attr(root: torch.nn.Module, target: str) -> bool:
+    try:
+        _attr(root, target)
+    except AttributeError:
+        return False
+    return True
+
+
+def _del_attr(root: torch.nn.Module, target: str) -> None:
+    *path, leaf = target.split(".")
+    owner = _attr(root, ".".join(path)) if path else root
+    delattr(owner, leaf)
+
+
+def _set_attr(root: torch.nn.Module, target: str, tensor: torch.Tensor, kind: str) -> None:
+    *path, leaf = target.split(".")
+    owner = root
+    for atom in path:
+        if not hasattr(owner, atom):
+            owner.add_module(atom, torch.nn.Module())
+        owner = getattr(owner, atom)
+    if kind == "parameter":
+        owner.register_parameter(leaf, tensor)
+    else:
+        owner.register_buffer(leaf, tensor)
 
 
 def _is_hf_model(module: torch.nn.Module) -> bool:

@@ -83,7 +83,9 @@ def render(report: Report, console: Any) -> None:
         stats, verify = record.stats, record.verify
         what = record.details.get("summary") or record.reason or ""
         check = "-" if verify is None else (
-            f"{'ok' if verify.ok else 'FAIL'} {verify.output_max_rel:.1e} / {verify.grad_max_rel:.1e}")
+            f"{'ok' if verify.ok else 'FAIL'} {verify.output_max_rel:.1e} / {verify.grad_max_rel:.1e}"
+            + (f" ({verify.grad_max_rel_param})" if getattr(verify, "grad_max_rel_param", None) else "")
+            + (f"; no gradient: {len(verify.no_grad_params)}" if getattr(verify, "no_grad_params", None) else ""))
         table.add_row(record.name, "yes" if record.changed else "no", str(what),
                       _arrow(stats.get("trainable_before"), stats.get("trainable_after"), human_count),
                       _arrow(stats.get("saved_activation_bytes_before"), stats.get("saved_activation_bytes_after"), human_bytes),

@@ -30,8 +30,11 @@ EXACT_ATOL_FRACTION = 1e-5
 
 @dataclass
 class VerifyResult:
-    """Errors of a candidate against a reference. ``*_rel`` are max|a-b| / max|b| per tensor, maxed
-    over tensors; ``ok`` says whether the pass's contract (exact or within ``tolerance``) held."""
+    """Errors of a candidate against a reference. ``*_rel`` are max|a-b| / max|b| per tensor (for gradients,
+    over max(|b|'s max, the floor the exact check uses)), maxed over tensors; ``grad_max_rel_param`` names
+    the gradient that sets ``grad_max_rel``. ``no_grad_params`` are the candidate's trainable parameters
+    that got no gradient (``no_grad_params_reference``: the reference's); ``ok`` says whether the pass's
+    contract (exact or within ``tolerance``) held."""
 
     output_max_abs: float = 0.0
     output_max_rel: float = 0.0
@@ -41,6 +44,9 @@ class VerifyResult:
     grad_max_rel: float = 0.0
     grads_compared: int = 0
     grads_not_compared: list[str] = field(default_factory=list)
+    grad_max_rel_param: str | None = None
+    no_grad_params: list[str] = field(default_factory=list)
+    no_grad_params_reference: list[str] = field(default_factory=list)
     exact: bool = True
     tolerance: float | None = None
     ok: bool = True
@@ -104,7 +110,8 @@ class DropoutOff(TorchFunctionMode):
 
 
 def _run(program: Program, module: torch.nn.Module, dropout_off: bool) -> tuple[Any, torch.Tensor,
-                                                                                  dict[str, torch.Tensor], int, int]:
+                                                                                  dict[str, torch.Tensor], int, int,
+                                                                                  list[str]]:
     module.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     off = DropoutOff() if dropout_off else None
@@ -114,19 +121,22 @@ def _run(program: Program, module: torch.nn.Module, dropout_off: bool) -> tuple[
         objective.backward()
     grads = {name: p.grad.detach().float().clone() for name, p in module.named_parameters()
              if p.requires_grad and p.grad is not None}
+    no_grad = [name for name, p in module.named_parameters() if p.requires_grad and p.grad is None]
     module.zero_grad(set_to_none=True)
     leaves = [t.detach().float() for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)
               and t.is_floating_point()]
-    return leaves, objective.detach().float(), grads, int(counter.get_total_flops()), off.calls if off else 0
+    return (leaves, objective.detach().float(), grads, int(counter.get_total_flops()), off.calls if off else 0,
+            no_grad)
 
 
 def _errors(candidate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-6) -> tuple[float, float, bool]:
-    """(max abs error, relative to the reference's max abs, close to float32 round-off). ``floor``: the
-    smallest scale the absolute tolerance is taken from (see ``compare``)."""
+    """(max abs error, relative to max(the reference's max abs, ``floor``), close to float32 round-off).
+    ``floor``: the smallest scale the absolute tolerance is taken from (see ``compare``); the relative error
+    uses the same, so a gradient that is zero in exact arithmetic does not report round-off as a huge error."""
     difference = (candidate - reference).abs()
     max_abs = float(difference.max()) if difference.numel() else 0.0
     scale = float(reference.abs().max()) if reference.numel() else 0.0
-    rel = max_abs / scale if scale > 0 else max_abs
+    rel = max_abs / max(scale, floor) if max(scale, floor) > 0 else max_abs
     close = bool(torch.allclose(candidate, reference, rtol=EXACT_RTOL, atol=EXACT_ATOL_FRACTION * max(scale, floor)))
     if not (math.isfinite(max_abs)):
         close = False
@@ -142,11 +152,19 @@ def compare(reference: Program, candidate: Program, exact: bool, tolerance: floa
     run fails only when the output's relative error exceeds ``tolerance`` (None: never). The result also
     holds each side's training-step FLOPs.
     """
-    ref_leaves, ref_loss, ref_grads, ref_flops, calls = _run(reference, reference.gm, not exact)
-    new_leaves, new_loss, new_grads, new_flops, new_calls = _run(candidate, candidate.gm, not exact)
+    ref_leaves, ref_loss, ref_grads, ref_flops, calls, ref_dead = _run(reference, reference.gm, not exact)
+    new_leaves, new_loss, new_grads, new_flops, new_calls, new_dead = _run(candidate, candidate.gm, not exact)
     result = VerifyResult(exact=exact, tolerance=tolerance, loss_reference=float(ref_loss), loss_candidate=float(new_loss),
                           dropout_off=not exact, dropout_calls=max(calls, new_calls),
-                          training_flops_reference=ref_flops, training_flops_candidate=new_flops)
+                          training_flops_reference=ref_flops, training_flops_candidate=new_flops,
+                          no_grad_params=new_dead, no_grad_params_reference=ref_dead)
+    # A trainable parameter that gets no gradient never trains: for an exact pass that is a failure unless
+    # the reference's parameter of that name got none either (a model's own unused parameter, listed).
+    dead = [name for name in new_dead if name not in ref_dead]
+    if exact and dead:
+        result.ok = False
+        result.failures.append(f"{len(dead)} trainable parameter(s) get no gradient ({', '.join(dead[:3])}"
+                               f"{', …' if len(dead) > 3 else ''})")
     if len(ref_leaves) != len(new_leaves):
         result.ok = False
         result.failures.append(f"output has {len(new_leaves)} tensors, reference {len(ref_leaves)}")
@@ -172,7 +190,9 @@ def compare(reference: Program, candidate: Program, exact: bool, tolerance: floa
             continue
         max_abs, rel, close = _errors(new_grad, ref_grad, floor)
         result.grads_compared += 1
-        result.grad_max_abs, result.grad_max_rel = max(result.grad_max_abs, max_abs), max(result.grad_max_rel, rel)
+        result.grad_max_abs = max(result.grad_max_abs, max_abs)
+        if rel > result.grad_max_rel or result.grad_max_rel_param is None:
+            result.grad_max_rel, result.grad_max_rel_param = max(result.grad_max_rel, rel), name
         if exact and not close:
             result.ok = False
             if len(result.failures) < 5:

@@ -141,15 +141,20 @@ def test_the_trajectory_catches_a_module_that_trains_differently_and_passes_an_e
     original = ClosureBlock()
     args, kwargs = _inputs()
     before = {k: v.clone() for k, v in original.state_dict().items()}
-    same = judges.trajectory(original, copy.deepcopy(original), _objective, args, kwargs)
+    equal = copy.deepcopy(original)
+    own = equal.mlp
+    equal.mlpf = lambda x: own.fc(x)  # a deep copy's lambda still closes over the original's MLP: re-point it
+    same = judges.trajectory(original, equal, _objective, args, kwargs)
     assert same.ok and same.max_rel == 0.0 and len(same.reference) == judges.TRAJECTORY_STEPS
+    # A plain deep copy trains only part of itself (its MLP is the original's): its curve moves off.
+    assert judges.trajectory(original, copy.deepcopy(original), _objective, args, kwargs).max_rel > 0
     frozen = copy.deepcopy(original)
     frozen.mlp = copy.deepcopy(original.mlp)
     m = frozen.mlp
     frozen.mlpf = lambda x: m.fc(x).detach()  # the MLP stops training: everything else is equal
     different = judges.trajectory(original, frozen, _objective, args, kwargs)
     assert not different.ok and different.reference[0] == different.candidate[0]
-    assert all(torch.equal(v, before[k]) for k, v in original.state_dict().items())  # the judge trained copies
+    assert all(torch.equal(v, before[k]) for k, v in original.state_dict().items())  # the judge restored the original
 
 
 def test_shifted_batches_keep_labels_aligned():

@@ -156,6 +156,7 @@ def _record(record: Any) -> dict[str, Any]:
     summary = {"name": record.name, "changed": record.changed, "reason": record.reason, "exact": record.exact}
     if verify is not None:
         summary.update(output_max_rel=verify.output_max_rel, grad_max_rel=verify.grad_max_rel,
+                       grad_max_rel_param=verify.grad_max_rel_param, no_grad_params=verify.no_grad_params,
                        grads_compared=verify.grads_compared, grads_not_compared=len(verify.grads_not_compared))
     return summary
 

@@ -14,7 +14,6 @@ and returns what it found (empty: nothing wrong).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,15 +161,27 @@ class Trajectory:
         return math.isfinite(self.max_rel) and self.max_rel <= TRAJECTORY_RTOL
 
 
+def _train_restored(module: torch.nn.Module, objective: Objective, batches: list[tuple[tuple, dict]],
+                    lr: float) -> list[float]:
+    """``train_losses`` on ``module`` itself, its state and gradients restored afterwards."""
+    saved = {name: value.detach().clone() for name, value in module.state_dict().items()}
+    try:
+        return train_losses(module, objective, batches, lr)
+    finally:
+        with torch.no_grad():
+            module.load_state_dict(saved)
+        module.zero_grad(set_to_none=True)
+
+
 def trajectory(original: torch.nn.Module, compiled: torch.nn.Module, objective: Objective, args: tuple,
                kwargs: dict, steps: int = TRAJECTORY_STEPS, candidate_objective: Objective | None = None,
                lr: float = TRAJECTORY_LR) -> Trajectory:
-    """Train a deep copy of ``original`` and a deep copy of ``compiled`` for ``steps`` AdamW steps on the
-    same batches (``shifted_batches``) and compare the loss curves. Neither argument is changed."""
+    """Train ``original`` and ``compiled`` (each in place, its state restored afterwards: a deep copy of a
+    model whose closures reach its submodules would train only part of itself) for ``steps`` AdamW steps on the same batches (``shifted_batches``) and compare the loss curves. Neither argument is
+    changed."""
     batches = shifted_batches(args, kwargs, steps)
-    reference = train_losses(copy.deepcopy(original).train(original.training), objective, batches, lr)
-    candidate = train_losses(copy.deepcopy(compiled).train(compiled.training), candidate_objective or objective,
-                             batches, lr)
+    reference = _train_restored(original, objective, batches, lr)
+    candidate = _train_restored(compiled, candidate_objective or objective, batches, lr)
     max_rel = max((abs(a - b) / max(abs(a), 1e-6) for a, b in zip(reference, candidate)), default=0.0)
     if not all(math.isfinite(x) for x in reference + candidate):
         max_rel = math.inf
