@@ -241,7 +241,9 @@ def projection_source(node: Any, linears: dict[torch.fx.Node, LinearSite], depth
             return _unwrap(linears[current].input)
         if current.op in ("placeholder", "get_attr"):
             return current
-        first = next((a for a in _flat(current.args) if isinstance(a, torch.fx.Node)), None)
+        tensors = [a for a in _flat(current.args) if isinstance(a, torch.fx.Node)]
+        # A stored tensor (a norm's weight in ``weight * normed``, QK-norm) is not where the activations come from.
+        first = next((a for a in tensors if a.op != "get_attr"), tensors[0] if tensors else None)
         if first is None:
             return current
         current = first

@@ -419,3 +419,26 @@ def test_block_pattern_uses_chunked_kernel(programs):
     assert {s.backend for s in chunked.plan(SasPlan).sites} == {"chunked"}
     assert all(m.chunk == 6 for m in modules_of(chunked))
     torch.testing.assert_close(chunked.run().logits, gathered.run().logits, rtol=1e-5, atol=1e-6)
+
+
+def test_projection_source_skips_norm_weights():
+    """QK-norm written ``weight * normed`` (AFMoE, Gemma 3) puts a parameter first: the walk to the projection
+    input follows the activations, so self-attention is not mistaken for cross-attention."""
+    from effcompile.passes.sas.rewrite import projection_source
+    from effcompile.patterns import find_linears
+
+    class _QkNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+            self.q_norm, self.k_norm = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.q_norm * self.q(x)) @ (self.k_norm * self.k(x)).transpose(-1, -2)
+
+    gm = torch.fx.symbolic_trace(_QkNorm())
+    linears = {site.node: site for site in find_linears(gm)}
+    matmul = next(n for n in gm.graph.nodes if n.op == "call_function" and "matmul" in str(n.target))
+    query, key_t = matmul.args
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert projection_source(query, linears) is x and projection_source(key_t, linears) is x

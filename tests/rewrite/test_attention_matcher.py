@@ -77,3 +77,20 @@ def test_multihead_attention_calls():
     graph.output(graph.call_function(__import__("operator").getitem, (call, 0)))
     sites, misses = match_attention(torch.fx.GraphModule(plain, graph))
     assert misses == [] and sites[0].kind == "module" and sites[0].module_target == "attention"
+
+
+class _SoftCapped(torch.nn.Module):
+    """Gemma-2-style logit soft-capping between the score matmul and the softmax."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = torch.tanh((q @ k.transpose(-1, -2)) / 30.0) * 30.0
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def test_soft_capped_scores_stay_unmatched_naming_the_cap():
+    """A soft-cap (div → tanh → mul) is not an op the sparse kernels apply: the matcher must not match through
+    it (which would drop the cap) and its reason names the tanh node where the chain stops."""
+    gm = torch.fx.symbolic_trace(_SoftCapped())
+    sites, misses = match_attention(gm)
+    assert sites == [] and len(misses) == 1
+    assert "tanh" in misses[0].reason and "is not a score matmul" in misses[0].reason
