@@ -41,7 +41,11 @@ _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, to
 _LAYOUT = {aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
            aten.slice.Tensor, aten.select.int, aten.view.default, torch.transpose, torch.permute, torch.unsqueeze,
            torch.squeeze, operator.getitem, "transpose", "permute", "unsqueeze", "squeeze", "expand", "view",
-           "unflatten", "flatten", "t"}
+           "unflatten", "flatten", "t",
+           # reshape returns a view when the strides allow it and clone/alias keep them (preserve_format), so
+           # a view further down still depends on the replaced op's layout (afmoe: sdpa → reshape → transpose → view)
+           aten.reshape.default, torch.reshape, "reshape", aten.clone.default, torch.clone, "clone",
+           aten.alias.default, aten._unsafe_view.default}
 # masked_fill values at or below this count as "masked out" (HF uses finfo.min, others -1e4 or -inf).
 _MASKED_VALUE = -1e4
 

@@ -168,6 +168,25 @@ class _ViewAfterSdpa(torch.nn.Module):
         return self.proj(out.transpose(1, 2).view(batch, seq, width))
 
 
+class _ViewAfterReshapedSdpa(_ViewAfterSdpa):
+    """afmoe's layout: the output goes through reshape (no copy when the strides allow) before transpose → view."""
+
+    def forward(self, x):
+        batch, seq, width = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).reshape(batch, 4, seq, 4)
+        return self.proj(out.transpose(1, 2).view(batch, seq, width))
+
+
+def test_view_after_reshape_of_sdpa():
+    """A view reached through reshape (and clone) of the sparse output is a reshape too (hf:afmoe)."""
+    x = torch.randn(2, 12, 16)
+    program = capture(ModelSpec(_ViewAfterReshapedSdpa(), (x,), {}, name="view"), path="symbolic_trace")
+    record, rewritten = run_sas(program, pattern="dense", block_size=4, backend="gather")
+    assert record.changed and rewritten.plan(SasPlan).sites[0].views_reshaped == 1
+    torch.testing.assert_close(rewritten.run(), program.run(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", ["symbolic_trace", "export"])
 def test_view_after_sdpa(path):
     """The view reading the sparse output (through the transpose) becomes a reshape: the model runs, trains
