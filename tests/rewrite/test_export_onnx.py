@@ -447,3 +447,29 @@ def test_a_native_crash_in_generate_artifacts_is_an_export_error(tmp_path, monke
     with pytest.raises(ExportError, match=r"crashed \(signal 11\)"):
         export_training_artifacts(program, tmp_path / "out", **OPTIMIZER)
     assert not (tmp_path / "out").exists()
+
+
+class _DefaultedArguments(torch.nn.Module):
+    """A forward with defaulted arguments the example does not give (issue #18 item 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x, attn_mask=None, is_causal=True):
+        return self.proj(x)
+
+
+def test_loss_fn_is_called_as_the_spec_calls_it(tmp_path):
+    # loss_fn(output, x) takes only the spec's inputs: the export must not pass attn_mask/is_causal as keywords
+    def loss_fn(output, x):
+        return torch.nn.functional.mse_loss(output, x)
+
+    torch.manual_seed(0)
+    spec = effcompile.ModelSpec(_DefaultedArguments(), (torch.randn(2, 16),), {}, loss_fn, "defaults")
+    program = _compile(spec)
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)
+    trainer = OrtTrainer(tmp_path)
+    feeds = [v for v in program.flat_inputs() if isinstance(v, torch.Tensor)]  # the defaults are constants
+    ort_losses = [trainer.step(feeds) for _ in range(5)]
+    _assert_same_curve(ort_losses, _torch_losses(program, 5))

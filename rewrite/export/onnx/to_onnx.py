@@ -57,11 +57,11 @@ class _Wrapper(torch.nn.Module):
         self._unflatten = _input_unflattener(program)
 
     def forward(self, *flat: Any) -> Any:
-        args, kwargs = self._unflatten(list(flat))
+        args, kwargs, loss_args, loss_kwargs = self._unflatten(list(flat))
         output = self.gm(*args, **kwargs)
         if self._mode == "train":
-            if self._loss_fn is not None:
-                return self._loss_fn(output, *args, **kwargs)
+            if self._loss_fn is not None:  # as ``Program.objective`` calls it: the spec's own (args, kwargs)
+                return self._loss_fn(output, *loss_args, **loss_kwargs)
             loss = loss_field(output)
             if loss is None:
                 raise ExportError("onnx export: the model returns no scalar `loss`; give the spec a loss_fn")
@@ -77,13 +77,26 @@ class _Wrapper(torch.nn.Module):
 
 
 def _input_unflattener(program: Program) -> Any:
+    """A function from the flat inputs (``Program.flat_inputs``' order) to ``(gm args, gm kwargs, loss_fn args,
+    loss_fn kwargs)``: the GraphModule gets its placeholders, ``loss_fn`` the structure of the spec's own
+    ``(args, kwargs)`` — never the forward's unused defaults as keywords."""
     if program.capture_path == "export":
         flat, spec = pytree.tree_flatten((program.args, program.kwargs))
         placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
         if len(flat) == len(placeholders):
-            return lambda values: pytree.tree_unflatten(values, spec)
-    names = list(inspect.signature(program.gm.forward).parameters)
-    return lambda values: ((), dict(zip(names, values)))
+            def unflatten_export(values: list[Any]) -> tuple[Any, ...]:
+                args, kwargs = pytree.tree_unflatten(values, spec)
+                return args, kwargs, args, kwargs
+            return unflatten_export
+    signature = inspect.signature(program.gm.forward)
+    names = list(signature.parameters)
+    bound = signature.bind(*program.args, **program.kwargs).arguments  # the spec's names, in its order
+    positional = [name for name in bound if name not in program.kwargs]
+
+    def unflatten_named(values: list[Any]) -> tuple[Any, ...]:
+        by_name = dict(zip(names, values))
+        return ((), by_name, tuple(by_name[n] for n in positional), {k: by_name[k] for k in program.kwargs})
+    return unflatten_named
 
 
 def _input_names(program: Program) -> list[str]:
