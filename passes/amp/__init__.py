@@ -52,12 +52,13 @@ from torch.utils import _pytree as pytree
 
 from effcompile.canonical import causal_mask_candidates, is_causal_value, set_causal
 from effcompile.errors import OptionError, PassError
-from effcompile.graph import set_submodule
+from effcompile.graph import finalize, set_submodule
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program
 
 from .float8 import float8_requirement, swap_float8_linears
 from .policy import DEFAULT_KEEP_FP32, KEEP_FP32_CLASSES, classify, is_known_op, keep_fp32_names, op_name
+from .propagate import propagate_dtypes
 from .weights import LowPrecisionWeights
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class Amp(Pass):
         gm.recompile()
         reference = _autocast_reference(program, low) if config.compare_autocast else None
         candidates = causal_mask_candidates(gm) if config.causal_mask else []
-        original, values = _propagate_dtypes(program, keep={mask for _, mask in candidates})
+        original, values, clamped = propagate_dtypes(program, keep={mask for _, mask in candidates})
         causal = [sdpa for sdpa, mask in candidates if is_causal_value(values.get(mask))]
         for sdpa in causal:
             set_causal(sdpa)
@@ -167,23 +168,21 @@ class Amp(Pass):
                                      lambda v: low)
             elif kind in ("fp32", "module_fp32") or (node.op == "output" and cast_outputs):
                 inserter.cast_inputs(node, lambda v: _is_float(original.get(v)), lambda v: original[v])
-        current, _ = _propagate_dtypes(program, recompile=True)
+        current, _, clamped_now = propagate_dtypes(program, recompile=True)
+        clamped.update(clamped_now)
         removed = _simplify(graph, current)
         promoted = _promote(graph, classes, current, inserter)
         if promoted:
-            current, _ = _propagate_dtypes(program, recompile=True)
+            current, _, clamped_now = propagate_dtypes(program, recompile=True)
+            clamped.update(clamped_now)
         _restore_dtype_asserts(asserts, current)
         stored_low, cached = _cast_params_once(gm, low) if config.cast_params == "once" else ([], 0)
-        # finalize() minus delete_all_unused_submodules: that would drop tied-weight aliases
-        # (GPT-2's transformer.wte.weight, read through lm_head.weight) from the state dict.
-        graph.eliminate_dead_code()
-        graph.lint()
-        gm.recompile()
+        finalize(gm)
 
         alive = set(graph.nodes)
         casts = [n for n in graph.nodes if n.meta.get(_META) == "cast"]
         to_low = sum(1 for n in casts if n.kwargs["dtype"] == low)
-        changed = bool(converted or float8 or stored_low or cached or causal or
+        changed = bool(converted or float8 or stored_low or cached or causal or clamped or
                        any(n not in existing for n in graph.nodes if n.meta.get(_META)))
         program.set_plan(AmpState(config.dtype, config.cast_params,
                                   config.float8_recipe if config.dtype == "float8" else None,
@@ -199,7 +198,10 @@ class Amp(Pass):
             "fp32_ops": dict(Counter(op_name(n) or type(gm.get_submodule(str(n.target))).__name__
                                      for n, c in classes.items() if c == "fp32" and n in alive)),
             "params_stored_low": stored_low, "params_cached": cached, "sdpa_made_causal": len(causal),
+            "constants_clamped": clamped,
         }
+        if clamped:
+            details["summary"] += f"; {len(clamped)} constants clamped to {config.dtype}'s range"
         if float8:
             chosen = sum(1 for decision in float8.values() if decision.startswith("float8"))
             details["float8_linears"] = float8
@@ -219,34 +221,6 @@ def _describe(counts: Counter) -> str:
 
 def _is_float(dtype: torch.dtype | None) -> bool:
     return dtype is not None and dtype.is_floating_point
-
-
-class _DtypeRecorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, keep: set[torch.fx.Node]) -> None:
-        super().__init__(gm)
-        self.dtypes: dict[torch.fx.Node, torch.dtype | None] = {}
-        self.keep = keep
-        self.values: dict[torch.fx.Node, Any] = {}
-
-    def run_node(self, node: torch.fx.Node) -> Any:
-        result = super().run_node(node)
-        self.dtypes[node] = result.dtype if isinstance(result, torch.Tensor) else None
-        if node in self.keep:
-            self.values[node] = result
-        return result
-
-
-def _propagate_dtypes(program: Program, recompile: bool = False, keep: set[torch.fx.Node] | None = None
-                      ) -> tuple[dict[torch.fx.Node, torch.dtype | None], dict[torch.fx.Node, Any]]:
-    """The dtype of every node's value (None for non-tensors) and the values of the nodes in ``keep``,
-    from one no-grad run on the example inputs."""
-    if recompile:
-        program.gm.recompile()
-    recorder = _DtypeRecorder(program.gm, keep or set())
-    torch.manual_seed(0)
-    with torch.no_grad():
-        recorder.run(*program.flat_inputs())
-    return recorder.dtypes, recorder.values
 
 
 class _CastInserter:
