@@ -473,3 +473,53 @@ def test_loss_fn_is_called_as_the_spec_calls_it(tmp_path):
     feeds = [v for v in program.flat_inputs() if isinstance(v, torch.Tensor)]  # the defaults are constants
     ort_losses = [trainer.step(feeds) for _ in range(5)]
     _assert_same_curve(ort_losses, _torch_losses(program, 5))
+
+
+@torch.library.custom_op("effcompile_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Inner(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.effcompile_test.twice(x)
+
+
+class _WithCustomOp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.block = _Inner()
+
+    def forward(self, x):
+        return self.block(self.proj(x))
+
+
+def test_an_op_without_onnx_translation_is_named_with_its_module(tmp_path):
+    # the exporter's banner (ANSI colours, "step 3/3") named no op: the message names op, module path and fix
+    spec = effcompile.ModelSpec(_WithCustomOp(), (torch.randn(2, 8),), {}, lambda out, x: out.square().mean(),
+                                "custom_op")
+    program = _compile(spec)
+    with pytest.raises(ExportError) as caught:
+        export_training_artifacts(program, tmp_path / "out", **OPTIMIZER)
+    message = str(caught.value)
+    assert "\x1b[" not in message and "step 3/3" not in message
+    assert "effcompile_test.twice.default at block (node" in message and "no ONNX translation" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_describe_export_failure_gives_the_experts_fix():
+    from effcompile.export.onnx.failures import describe_export_failure
+
+    cause = RuntimeError("No ONNX function found for <OpOverload(op='transformers.grouped_mm_fallback', "
+                         "overload='default')>. Failure message: No decompositions registered")
+    error = RuntimeError("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m")
+    error.__cause__ = cause
+    message = describe_export_failure(error)
+    assert message.startswith("transformers.grouped_mm_fallback.default has no ONNX translation")
+    assert "experts_implementation=eager" in message and "\x1b" not in message

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from ...errors import ExportError
 from ...graph import get_attr_value, module_path, op_name
 from ...program import Program, loss_field
+from .failures import describe_export_failure, strip_ansi
 from .helpers import default_opset, first_line
 from .legalize import MAX_IR_VERSION
 
@@ -152,9 +153,11 @@ def export_program(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tu
             if shapes is not None:
                 log.info("dynamic-batch export failed in %s (%s); exporting static shapes", stage, first_line(error))
                 continue
-            hint = ("the graph must be re-traceable (no Python side effects)" if stage.startswith("torch.export")
-                    else "an op has no ONNX translation — rewrite it or register a custom translation")
-            raise ExportError(f"onnx export: {stage} failed: {first_line(error)}; {hint}") from error
+            if stage.startswith("torch.export"):
+                message = f"{strip_ansi(first_line(error))}; the graph must be re-traceable (no Python side effects)"
+            else:
+                message = describe_export_failure(error, program.gm)
+            raise ExportError(f"onnx export: {stage} failed: {message}") from error
     assert onnx_program is not None
     model = onnx_program.model_proto
     _rename_io(model, input_names, mode, program)
