@@ -19,11 +19,15 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from effcompile.graph import op_name
 from effcompile.patterns import LinearSite, find_attention, find_linears
 
 _SEARCH_DEPTH = 24  # nodes between a projection and the attention (rotary embeddings, norms, splits...)
 # Module classes PEFT's LoRA wraps that can be linear sites (by class name, as nn_module_stack records them).
 PEFT_LINEAR_CLASSES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "Conv1d", "Conv2d", "Conv3d")
+# Ops that read only a tensor's shape: a search must not follow them (``view(B, T, ...)`` with ``B, T = x.size()``
+# would lead from the query back through the norm into the previous layer's MLP).
+_SHAPE_OPS = frozenset({"size", "sym_size", "dim", "numel", "getattr", "sym_numel", "sym_stride", "stride"})
 
 
 def attention_projections(gm: torch.fx.GraphModule) -> list[str]:
@@ -51,7 +55,8 @@ def _linears_before(start: object, linears: dict[torch.fx.Node, LinearSite]) -> 
                 paths.append(linears[node].path)
                 continue
             for source in node.all_input_nodes:
-                if source not in seen and source.op not in ("placeholder", "get_attr"):
+                if source not in seen and source.op not in ("placeholder", "get_attr") \
+                        and op_name(source) not in _SHAPE_OPS:
                     seen.add(source)
                     following.append(source)
         frontier = following

@@ -523,3 +523,20 @@ def test_describe_export_failure_gives_the_experts_fix():
     message = describe_export_failure(error)
     assert message.startswith("transformers.grouped_mm_fallback.default has no ONNX translation")
     assert "experts_implementation=eager" in message and "\x1b" not in message
+
+
+def test_t5_attention_output_view_exports(tmp_path):
+    # hf:t5 at 32 tokens: SDPA → transpose → contiguous → view; the exporter's decomposition step dropped the
+    # contiguous() and failed on the view ("Failed to decompose the FX graph for ONNX compatibility")
+    from effcompile.spec import load_hf_spec
+
+    config = dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0)
+    program = _compile(load_hf_spec("t5", config, batch=2, seq=32))
+    with torch.no_grad():
+        expected = program.run()
+    session = onnxruntime.InferenceSession(export_eval_model(program, tmp_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = dict(zip(names, [t.numpy() for t in program.flat_inputs() if isinstance(t, torch.Tensor)]))
+    outputs = session.run(None, feeds)
+    np.testing.assert_allclose(outputs[0], expected.loss.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(outputs[1], expected.logits.numpy(), rtol=1e-4, atol=1e-5)

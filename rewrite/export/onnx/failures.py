@@ -18,6 +18,7 @@ from ...graph import module_path
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _OVERLOAD = re.compile(r"OpOverload\(op='([\w.]+)', overload='(\w+)'\)")
 _TARGET = re.compile(r"target=torch\.ops\.([\w.]+)")
+_NODE = re.compile(r"(?:While executing|translating node) %(\w+)")
 _BANNER = ("Failed to convert the exported program", "Failed to decompose the FX graph", "Failed to export",
            "Next steps", "- ", "## ", "(Refer to", "⬆", "<class ")
 # Ops with a known way around them: (substring of the op name, the fix).
@@ -57,14 +58,22 @@ def failing_op(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _where(gm: torch.fx.GraphModule | None, op: str) -> str | None:
-    """``<module path> (node <name>)`` of the first node of ``gm`` calling ``op``, else None."""
+def _where(gm: torch.fx.GraphModule | None, op: str, name: str | None) -> str | None:
+    """``<module path> (node <name>)`` of the node of ``gm`` called ``name`` if it calls ``op``, else of the first
+    node calling ``op``; None when there is none."""
     if gm is None:
         return None
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and op in (str(node.target), f"{node.target}.default"):
-            return f"{module_path(node) or '<root module>'} (node {node.name})"
-    return None
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and op in (str(n.target), f"{n.target}.default")]
+    node = next((n for n in calls if n.name == name), calls[0] if calls else None)
+    return None if node is None else f"{module_path(node) or '<root module>'} (node {node.name})"
+
+
+def _innermost(error: BaseException) -> BaseException:
+    seen = set()
+    while id(error) not in seen and (error.__cause__ or error.__context__) is not None:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return error
 
 
 def _first_meaningful_line(text: str) -> str:
@@ -84,9 +93,13 @@ def describe_export_failure(error: BaseException, gm: torch.fx.GraphModule | Non
     if op is None:
         return (f"{_first_meaningful_line(text)}; rewrite the code that produces it with ops ONNX has, or "
                 "export without this pass")
-    where = _where(gm, op)
-    stage = "could not be decomposed for ONNX" if "decompose" in text and "No ONNX function" not in text \
-        else "has no ONNX translation"
+    node = _NODE.search(text)
+    where = _where(gm, op, node.group(1) if node else None)
+    if "decompose" in text and "No ONNX function" not in text:
+        innermost = strip_ansi(str(_innermost(error))).strip().splitlines()
+        stage = "failed in the exporter's decomposition step" + (f" ({innermost[0][:200]})" if innermost else "")
+    else:
+        stage = "has no ONNX translation"
     fix = next((fix for key, fix in _KNOWN_FIXES if key in op), None) or (
         "rewrite that code with ops ONNX has, or register a translation "
         "(torch.onnx.export(custom_translation_table=...))")

@@ -100,6 +100,36 @@ def _input_unflattener(program: Program) -> Any:
     return unflatten_named
 
 
+_LAYOUT_OPS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default}
+_VIEW_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
+
+
+def _copy_before_strided_views(gm: torch.fx.GraphModule) -> int:
+    """Give every ``view``/``reshape`` of a transposed/permuted tensor a contiguous copy as its input. Returns
+    how many.
+
+    A ``transpose → reshape`` traced where the tensor happened to be contiguous (T5's attention output after
+    the fused SDPA kernel) is decomposed into a ``view`` by the ONNX exporter's decomposition step, which
+    re-runs the graph with SDPA decomposed to its math — whose output has another layout, so the ``view``
+    fails ("Cannot view a tensor with shape … and strides …"); the same step drops a ``contiguous()`` it judges
+    a no-op, so each becomes an explicit contiguous ``clone``. The copies are ``Identity`` nodes in ONNX."""
+    contiguous = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default
+                  and len(n.args) == 1]
+    for node in contiguous:  # an explicit copy: the decomposition drops a contiguous() it judges a no-op
+        node.target, node.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
+    views = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _VIEW_OPS
+             and isinstance(n.args[0], torch.fx.Node) and n.args[0].target in _LAYOUT_OPS]
+    for view in views:
+        with gm.graph.inserting_before(view):
+            copy = gm.graph.call_function(torch.ops.aten.clone.default, (view.args[0],),
+                                          {"memory_format": torch.contiguous_format})
+        copy.meta.update({k: v for k, v in view.args[0].meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        view.replace_input_with(view.args[0], copy)
+    if views or contiguous:
+        gm.recompile()
+    return len(views) + len(contiguous)
+
+
 def _input_names(program: Program) -> list[str]:
     if program.capture_path == "export":
         flat, _ = pytree.tree_flatten_with_path((program.args, program.kwargs))
@@ -144,6 +174,7 @@ def export_program(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tu
             # forward(*flat): the varargs tuple is one argument, so its shapes go in a 1-tuple
             exported = torch.export.export(wrapper, flat, dynamic_shapes=None if shapes is None else (shapes,),
                                            strict=False)
+            _copy_before_strided_views(exported.graph_module)
             stage = "torch.onnx.export"
             onnx_program = torch.onnx.export(exported, flat, dynamo=True, optimize=False,
                                              opset_version=opset, verbose=False)
