@@ -1,7 +1,8 @@
 """``amp``: mixed precision written into the graph — casts are ordinary nodes you can read, save and export.
 
 ``torch.autocast`` decides precision at run time and disappears at export; this pass writes the same
-decisions into the graph (policy in ``passes/_amp_policy.py``):
+decisions into the graph (policy in ``policy.py``; dtype propagation and the clamping of constants in
+``propagate.py``; the comparison with autocast in ``reference.py``):
 
 1. Turn ``nn.Linear`` / ``nn.Conv{1,2,3}d`` call_module nodes into ``F.linear`` / ``F.conv*`` on
    ``get_attr`` parameters (symbolic-trace graphs), so their weights can be cast like any input.
@@ -39,7 +40,6 @@ with autocast (``scaler.scale(loss).backward(); scaler.step(opt); scaler.update(
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,7 +48,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch.fx.node import map_arg
-from torch.utils import _pytree as pytree
 
 from effcompile.canonical import causal_mask_candidates, is_causal_value, set_causal
 from effcompile.errors import OptionError, PassError
@@ -59,6 +58,7 @@ from effcompile.program import Program
 from .float8 import float8_requirement, swap_float8_linears
 from .policy import DEFAULT_KEEP_FP32, KEEP_FP32_CLASSES, classify, is_known_op, keep_fp32_names, op_name
 from .propagate import propagate_dtypes
+from .reference import autocast_reference, compare_to_reference
 from .weights import LowPrecisionWeights
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Amp(Pass):
             if config.dtype == "float8" and previous is None else {}
         asserts = relax_dtype_asserts(graph)
         gm.recompile()
-        reference = _autocast_reference(program, low) if config.compare_autocast else None
+        reference = autocast_reference(program, low) if config.compare_autocast else None
         candidates = causal_mask_candidates(gm) if config.causal_mask else []
         original, values, clamped = propagate_dtypes(program, keep={mask for _, mask in candidates})
         causal = [sdpa for sdpa, mask in candidates if is_causal_value(values.get(mask))]
@@ -207,7 +207,7 @@ class Amp(Pass):
             details["float8_linears"] = float8
             details["summary"] += f"; {chosen} of {len(float8)} linears in float8 ({config.float8_recipe})"
         if reference is not None:
-            details["autocast"] = _compare_to_reference(program, reference)
+            details["autocast"] = compare_to_reference(program, reference)
             error = details["autocast"]["output_max_rel"]
             details["summary"] += f"; vs torch.autocast {error:.1e}" if isinstance(error, float) else ""
         record = PassRecord(self.name, changed=changed, reason="" if changed else "already in mixed precision",
@@ -412,40 +412,3 @@ def _is_parameter(gm: torch.nn.Module, target: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _autocast_reference(program: Program, low: torch.dtype) -> tuple[list[torch.Tensor], float | None] | None:
-    """Outputs and objective of the (float32) program under ``torch.autocast`` (no grad, seed 0)."""
-    device = next((t.device for t in list(program.gm.parameters()) + pytree.tree_leaves(program.args)
-                   if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=low):
-            return _forward(program)
-    except Exception as error:  # autocast may not support this dtype on this device: report, don't fail
-        log.info("amp: autocast reference failed: %s", error)
-        return None
-
-
-def _forward(program: Program) -> tuple[list[torch.Tensor], float | None]:
-    torch.manual_seed(0)
-    output = program.run()
-    leaves = [t.detach().float() for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)
-              and t.is_floating_point()]
-    try:
-        objective = float(program.objective(output))
-    except Exception:  # no objective: compare outputs only
-        objective = None
-    return leaves, objective
-
-
-def _compare_to_reference(program: Program, reference: tuple[list[torch.Tensor], float | None]) -> dict[str, Any]:
-    """Max relative output error (max|a-b| / max|b|) and losses of the rewritten program vs autocast."""
-    with torch.no_grad():
-        leaves, objective = _forward(program)
-    worst = 0.0
-    for new, ref in zip(leaves, reference[0]):
-        if new.shape == ref.shape and ref.numel():
-            scale = float(ref.abs().max())
-            worst = max(worst, float((new - ref).abs().max()) / (scale if scale > 0 else 1.0))
-    return {"output_max_rel": worst if math.isfinite(worst) else str(worst), "loss_autocast": reference[1],
-            "loss_amp": objective}
