@@ -522,7 +522,7 @@ def test_describe_export_failure_gives_the_experts_fix():
     error.__cause__ = cause
     message = describe_export_failure(error)
     assert message.startswith("transformers.grouped_mm_fallback.default has no ONNX translation")
-    assert "experts_implementation=eager" in message and "\x1b" not in message
+    assert "experts_implementation=batched_mm" in message and "\x1b" not in message
 
 
 def test_t5_attention_output_view_exports(tmp_path):

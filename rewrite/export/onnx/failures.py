@@ -23,11 +23,12 @@ _BANNER = ("Failed to convert the exported program", "Failed to decompose the FX
            "Next steps", "- ", "## ", "(Refer to", "⬆", "<class ")
 # Ops with a known way around them: (substring of the op name, the fix).
 _KNOWN_FIXES = (
-    ("grouped_mm", "it is transformers' grouped-GEMM mixture-of-experts kernel: build the model with the eager "
-                   "experts implementation (`--model-arg experts_implementation=eager` for hf: models; "
-                   "`from_pretrained(..., experts_implementation=\"eager\")` or "
-                   "`model.set_experts_implementation(\"eager\")` in a model file), which loops over the experts "
-                   "with ops ONNX has"),
+    ("grouped_mm", "it is transformers' grouped-GEMM mixture-of-experts kernel: build the model with the "
+                   "batched_mm experts implementation (`--model-arg experts_implementation=batched_mm` for hf: "
+                   "models; `from_pretrained(..., experts_implementation=\"batched_mm\")` or "
+                   "`model.set_experts_implementation(\"batched_mm\")` in a model file), which gathers each "
+                   "token's expert weights with ops ONNX has (the eager loop has data-dependent shapes)"),
+
 )
 
 
