@@ -36,14 +36,19 @@ from effcompile.export.registry import serializable
 from effcompile.graph import finalize
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.passes.linear_sites import check_patterns, erase_dead_attrs, install_site, select_sites
+from effcompile.passes.lora_targets import attention_projections, peft_unsupported
 from effcompile.program import Program
 
 log = logging.getLogger(__name__)
 
 # The attention projections under the names architectures give them (the issue's list, plus the fused
 # query-key-value projections of GPT-NeoX/Falcon/BLOOM, Phi-3 and MPT).
+# With the default, the attention projections the attention matcher finds are adapted too (``lora_targets``);
+# the names cover families without a matched attention (DeBERTa-v2's ``query_proj``…, timm's ``qkv``, Mamba's
+# ``in_proj``/``x_proj``/``out_proj``).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "query", "key", "value",
-                   "query_key_value", "qkv_proj", "Wqkv")
+                   "query_key_value", "qkv_proj", "Wqkv", "query_proj", "key_proj", "value_proj", "qkv",
+                   "in_proj", "x_proj", "out_proj")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -198,12 +203,22 @@ class Lora(Pass):
             config, adapter_state = _read_adapter(config)
         trainable_before = parameter_count(gm, trainable_only=True)
         was_trainable = {id(p): p.requires_grad for p in gm.parameters()}
-        selection = select_sites(gm, config.targets)
         existing = [name for name, m in gm.named_modules() if isinstance(m, LoraLinear)]
+        default = config.targets == DEFAULT_TARGETS
+        # (adapted projections are no linear sites: a search from an adapted attention would reach past them)
+        projections = attention_projections(gm) if default and not existing else []
+        selection = select_sites(gm, tuple(config.targets) + tuple(projections))
         sites, skipped = [], {}
         for site in selection.sites:
+            unsupported = peft_unsupported(site)
             if not site.path or (site.kind != "module" and site.weight_target != f"{site.path}.weight"):
                 skipped[site.path or site.node.name] = "weight is not a module's .weight; cannot name an adapter"
+            elif unsupported is not None and default:
+                skipped[site.path] = f"a {unsupported}, not a Linear/Conv1D: PEFT could not load its adapter"
+            elif unsupported is not None:
+                raise PassError(f"lora: target {site.path} is a {unsupported} (it computes F.linear on its own "
+                                "weight), not an nn.Linear/Conv1D, so PEFT cannot load an adapter on it; leave it "
+                                "out of lora.targets")
             else:
                 sites.append(site)  # a module called twice gets one adapter, used at both calls (as PEFT)
         if not sites:
@@ -252,7 +267,7 @@ class Lora(Pass):
             "targets_matched": paths, "module_names": names, "adapter_parameters": adapter_params,
             "trainable_before": trainable_before, "trainable_after": trainable_after,
             "trainable_fraction": trainable_after / max(total, 1), "skipped": skipped,
-            "already_adapted": existing, "explain": selection.explain,
+            "already_adapted": existing, "explain": selection.explain, "attention_projections": projections,
             "scaling": config.alpha / (math.sqrt(config.rank) if config.rslora else config.rank),
             "merged": config.merge, "base_dtype": config.base_dtype, "shared_input_casts": shared_casts,
         }
@@ -267,9 +282,9 @@ class Lora(Pass):
         elif config.targets != DEFAULT_TARGETS:
             raise PassError(f"lora: targets {', '.join(config.targets)} match no linear layer; the linears here "
                             f"are named {', '.join(names) or '(none)'}; set --set lora.targets=<names>")
-        else:
-            reason = (f"no linear matches the default targets; the linears here are named "
-                      f"{', '.join(names) or '(none)'}; set --set lora.targets=<names>")
+        else:  # as PEFT: nothing to adapt is an error, not a model with nothing to train
+            raise PassError(f"lora: no attention projection found and no linear matches the default targets; the "
+                            f"linears here are named {', '.join(names) or '(none)'}; set --set lora.targets=<names>")
         return PassRecord(self.name, changed=False, reason=reason,
                           details={"summary": reason, "explain": selection.explain, "already_adapted": existing})
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from effcompile.errors import OptionError, PassError
 from effcompile.export.registry import serializable
-from effcompile.graph import finalize
+from effcompile.graph import finalize, op_name
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.passes.linear_sites import (
     check_patterns,
@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 ALL = "all"
 # Output heads: factorising the vocabulary projection (often tied to the embedding) hurts most.
 HEAD_NAMES = ("lm_head", "embed_out", "decoder", "output", "classifier", "score", "qa_outputs")
+# A router's scores reach expert selection through at most a few of these (softmax/sigmoid, a cast, a bias,
+# a reshape): Mixtral/Qwen-MoE ``softmax → topk``, DeepSeek-V3 ``sigmoid → add(bias) → topk``.
+_ROUTING_PASSTHROUGH = frozenset({"softmax", "_softmax", "log_softmax", "sigmoid", "_to_copy", "to", "float",
+                                  "type", "type_as", "view", "reshape", "_unsafe_view", "flatten", "unsqueeze",
+                                  "squeeze", "add", "sub", "mul", "div", "clone", "contiguous", "getitem"})
+_EXPERT_SELECTION = frozenset({"topk", "argmax", "argsort", "sort"})
+_ROUTING_DEPTH = 6
 
 
 @serializable
@@ -125,6 +132,9 @@ class Lowrank(Pass):
             reason = None
             if not site.path or (site.kind != "module" and site.weight_target != f"{site.path}.weight"):
                 reason = "weight is not a module's .weight"
+            elif everything and (selection_op := routes_experts(site.node)) is not None:
+                reason = (f"a mixture-of-experts router (its output feeds {selection_op}, which selects experts; "
+                          "factorising it changes expert choice) — name it in lowrank.targets to factorise it")
             else:
                 reason = weight_used_elsewhere(gm, site)
             if reason is not None:
@@ -181,6 +191,25 @@ class Lowrank(Pass):
         log.info("lowrank: %s", details["summary"])
         return PassRecord(self.name, changed=True, stats={"layers_factorised": len(layers),
                                                           "nodes_rewritten": len(layers)}, details=details)
+
+
+def routes_experts(node: torch.fx.Node) -> str | None:
+    """The expert-selection op (``topk``, ``argmax``, ``sort``...) that ``node``'s output reaches through at most
+    ``_ROUTING_DEPTH`` softmax/sigmoid/cast/bias/reshape ops — i.e. ``node`` is a mixture-of-experts router —
+    else None. Matched on the graph, not on module names."""
+    frontier, seen = [node], {node}
+    for _ in range(_ROUTING_DEPTH):
+        following = []
+        for current in frontier:
+            for user in current.users:
+                name = op_name(user)
+                if name in _EXPERT_SELECTION:
+                    return name
+                if name in _ROUTING_PASSTHROUGH and user not in seen:
+                    seen.add(user)
+                    following.append(user)
+        frontier = following
+    return None
 
 
 def _rank_for_energy(energy: torch.Tensor, fraction: float) -> int:

@@ -151,6 +151,7 @@ def load_hf_spec(model_type: str, model_args: Mapping[str, Any] | None = None, b
                         "model_type such as hf:gpt2, hf:llama, hf:bert")
     overrides = dict(model_args or {})
     attn = overrides.pop("attn_implementation", None)
+    experts = overrides.pop("experts_implementation", None)  # not a config field either (MoE: "eager" exports)
     name = f"hf:{model_type}"
     available = hf_tasks(model_type)
     if task is None:
@@ -160,6 +161,8 @@ def load_hf_spec(model_type: str, model_args: Mapping[str, Any] | None = None, b
     elif task not in available:
         raise SpecError(f"{name} has no {task} class in transformers; its tasks: {', '.join(available) or 'none'}")
     config = hf_config(model_type, overrides, task)
+    if experts is not None:
+        config._experts_implementation = experts  # read by the model's constructor (transformers 5)
     model = _build_hf_model(config, task, name, attn, seed)
     if task != default_hf_task(model_type):
         name = f"{name}:{task}"

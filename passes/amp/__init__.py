@@ -1,7 +1,8 @@
 """``amp``: mixed precision written into the graph — casts are ordinary nodes you can read, save and export.
 
 ``torch.autocast`` decides precision at run time and disappears at export; this pass writes the same
-decisions into the graph (policy in ``passes/_amp_policy.py``):
+decisions into the graph (policy in ``policy.py``; dtype propagation and the clamping of constants in
+``propagate.py``; the comparison with autocast in ``reference.py``):
 
 1. Turn ``nn.Linear`` / ``nn.Conv{1,2,3}d`` call_module nodes into ``F.linear`` / ``F.conv*`` on
    ``get_attr`` parameters (symbolic-trace graphs), so their weights can be cast like any input.
@@ -39,7 +40,6 @@ with autocast (``scaler.scale(loss).backward(); scaler.step(opt); scaler.update(
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,16 +48,17 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch.fx.node import map_arg
-from torch.utils import _pytree as pytree
 
 from effcompile.canonical import causal_mask_candidates, is_causal_value, set_causal
 from effcompile.errors import OptionError, PassError
-from effcompile.graph import set_submodule
+from effcompile.graph import finalize, set_submodule
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.program import Program
 
 from .float8 import float8_requirement, swap_float8_linears
 from .policy import DEFAULT_KEEP_FP32, KEEP_FP32_CLASSES, classify, is_known_op, keep_fp32_names, op_name
+from .propagate import propagate_dtypes
+from .reference import autocast_reference, compare_to_reference
 from .weights import LowPrecisionWeights
 
 log = logging.getLogger(__name__)
@@ -145,9 +146,9 @@ class Amp(Pass):
             if config.dtype == "float8" and previous is None else {}
         asserts = relax_dtype_asserts(graph)
         gm.recompile()
-        reference = _autocast_reference(program, low) if config.compare_autocast else None
+        reference = autocast_reference(program, low) if config.compare_autocast else None
         candidates = causal_mask_candidates(gm) if config.causal_mask else []
-        original, values = _propagate_dtypes(program, keep={mask for _, mask in candidates})
+        original, values, clamped = propagate_dtypes(program, keep={mask for _, mask in candidates})
         causal = [sdpa for sdpa, mask in candidates if is_causal_value(values.get(mask))]
         for sdpa in causal:
             set_causal(sdpa)
@@ -167,23 +168,21 @@ class Amp(Pass):
                                      lambda v: low)
             elif kind in ("fp32", "module_fp32") or (node.op == "output" and cast_outputs):
                 inserter.cast_inputs(node, lambda v: _is_float(original.get(v)), lambda v: original[v])
-        current, _ = _propagate_dtypes(program, recompile=True)
+        current, _, clamped_now = propagate_dtypes(program, recompile=True)
+        clamped.update(clamped_now)
         removed = _simplify(graph, current)
         promoted = _promote(graph, classes, current, inserter)
         if promoted:
-            current, _ = _propagate_dtypes(program, recompile=True)
+            current, _, clamped_now = propagate_dtypes(program, recompile=True)
+            clamped.update(clamped_now)
         _restore_dtype_asserts(asserts, current)
         stored_low, cached = _cast_params_once(gm, low) if config.cast_params == "once" else ([], 0)
-        # finalize() minus delete_all_unused_submodules: that would drop tied-weight aliases
-        # (GPT-2's transformer.wte.weight, read through lm_head.weight) from the state dict.
-        graph.eliminate_dead_code()
-        graph.lint()
-        gm.recompile()
+        finalize(gm)
 
         alive = set(graph.nodes)
         casts = [n for n in graph.nodes if n.meta.get(_META) == "cast"]
         to_low = sum(1 for n in casts if n.kwargs["dtype"] == low)
-        changed = bool(converted or float8 or stored_low or cached or causal or
+        changed = bool(converted or float8 or stored_low or cached or causal or clamped or
                        any(n not in existing for n in graph.nodes if n.meta.get(_META)))
         program.set_plan(AmpState(config.dtype, config.cast_params,
                                   config.float8_recipe if config.dtype == "float8" else None,
@@ -199,13 +198,16 @@ class Amp(Pass):
             "fp32_ops": dict(Counter(op_name(n) or type(gm.get_submodule(str(n.target))).__name__
                                      for n, c in classes.items() if c == "fp32" and n in alive)),
             "params_stored_low": stored_low, "params_cached": cached, "sdpa_made_causal": len(causal),
+            "constants_clamped": clamped,
         }
+        if clamped:
+            details["summary"] += f"; {len(clamped)} constants clamped to {config.dtype}'s range"
         if float8:
             chosen = sum(1 for decision in float8.values() if decision.startswith("float8"))
             details["float8_linears"] = float8
             details["summary"] += f"; {chosen} of {len(float8)} linears in float8 ({config.float8_recipe})"
         if reference is not None:
-            details["autocast"] = _compare_to_reference(program, reference)
+            details["autocast"] = compare_to_reference(program, reference)
             error = details["autocast"]["output_max_rel"]
             details["summary"] += f"; vs torch.autocast {error:.1e}" if isinstance(error, float) else ""
         record = PassRecord(self.name, changed=changed, reason="" if changed else "already in mixed precision",
@@ -219,34 +221,6 @@ def _describe(counts: Counter) -> str:
 
 def _is_float(dtype: torch.dtype | None) -> bool:
     return dtype is not None and dtype.is_floating_point
-
-
-class _DtypeRecorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, keep: set[torch.fx.Node]) -> None:
-        super().__init__(gm)
-        self.dtypes: dict[torch.fx.Node, torch.dtype | None] = {}
-        self.keep = keep
-        self.values: dict[torch.fx.Node, Any] = {}
-
-    def run_node(self, node: torch.fx.Node) -> Any:
-        result = super().run_node(node)
-        self.dtypes[node] = result.dtype if isinstance(result, torch.Tensor) else None
-        if node in self.keep:
-            self.values[node] = result
-        return result
-
-
-def _propagate_dtypes(program: Program, recompile: bool = False, keep: set[torch.fx.Node] | None = None
-                      ) -> tuple[dict[torch.fx.Node, torch.dtype | None], dict[torch.fx.Node, Any]]:
-    """The dtype of every node's value (None for non-tensors) and the values of the nodes in ``keep``,
-    from one no-grad run on the example inputs."""
-    if recompile:
-        program.gm.recompile()
-    recorder = _DtypeRecorder(program.gm, keep or set())
-    torch.manual_seed(0)
-    with torch.no_grad():
-        recorder.run(*program.flat_inputs())
-    return recorder.dtypes, recorder.values
 
 
 class _CastInserter:
@@ -438,40 +412,3 @@ def _is_parameter(gm: torch.nn.Module, target: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _autocast_reference(program: Program, low: torch.dtype) -> tuple[list[torch.Tensor], float | None] | None:
-    """Outputs and objective of the (float32) program under ``torch.autocast`` (no grad, seed 0)."""
-    device = next((t.device for t in list(program.gm.parameters()) + pytree.tree_leaves(program.args)
-                   if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=low):
-            return _forward(program)
-    except Exception as error:  # autocast may not support this dtype on this device: report, don't fail
-        log.info("amp: autocast reference failed: %s", error)
-        return None
-
-
-def _forward(program: Program) -> tuple[list[torch.Tensor], float | None]:
-    torch.manual_seed(0)
-    output = program.run()
-    leaves = [t.detach().float() for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)
-              and t.is_floating_point()]
-    try:
-        objective = float(program.objective(output))
-    except Exception:  # no objective: compare outputs only
-        objective = None
-    return leaves, objective
-
-
-def _compare_to_reference(program: Program, reference: tuple[list[torch.Tensor], float | None]) -> dict[str, Any]:
-    """Max relative output error (max|a-b| / max|b|) and losses of the rewritten program vs autocast."""
-    with torch.no_grad():
-        leaves, objective = _forward(program)
-    worst = 0.0
-    for new, ref in zip(leaves, reference[0]):
-        if new.shape == ref.shape and ref.numel():
-            scale = float(ref.abs().max())
-            worst = max(worst, float((new - ref).abs().max()) / (scale if scale > 0 else 1.0))
-    return {"output_max_rel": worst if math.isfinite(worst) else str(worst), "loss_autocast": reference[1],
-            "loss_amp": objective}

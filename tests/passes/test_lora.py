@@ -18,8 +18,9 @@ from effcompile.passes.lora import LoraLinear, lora_modules, merge_lora, unmerge
 from conftest import example_gpt_spec, tiny_spec
 
 # Default targets on each tiny architecture: GPT-2's c_attn + both c_proj (PEFT's suffix rule matches
-# mlp.c_proj too), Llama's q/k/v/o, BERT's query/key/value.
-EXPECTED_SITES = {"gpt2": 6, "llama": 8, "bert": 6}
+# mlp.c_proj too), Llama's q/k/v/o, BERT's query/key/value and (found by the attention matcher) the
+# attention's output dense.
+EXPECTED_SITES = {"gpt2": 6, "llama": 8, "bert": 8}
 WEIGHT = "transformer.h.0.attn.c_attn.weight"  # a Conv1D weight ([in, out]): merge must transpose B·A
 
 
@@ -177,10 +178,11 @@ def test_symbolic_trace_example_running_twice_and_save_load(tmp_path):
     again, second = run(program, {"targets": "qkv,proj"}, verify=False)
     assert not second.changed and "already adapted" in second.reason
     assert len(lora_modules(program.gm)) == 8
-    # The default targets match nothing in this model: not an error, the reason names what is there.
+    # The default targets: the attention matcher finds the fused qkv projection and the output projection.
     plain = capture(example_gpt_spec())
     _, record = run(plain, verify=False)
-    assert not record.changed and "qkv" in record.reason
+    assert record.changed and record.details["module_names"] == ["proj", "qkv"]
+    assert sorted(record.details["attention_projections"]) == sorted(record.details["targets_matched"])
 
 
 def test_options_bias_rslora_dropout_and_globs(programs):

@@ -135,3 +135,23 @@ def test_tied_weights_are_left_alone():
     record = result.report.records[0]
     assert [layer["path"] for layer in record.details["layers"]] == ["hidden"]
     assert "tied" in record.details["skipped"]["head"]
+
+
+def test_mixture_of_experts_routers_are_left_out_of_all():
+    # Mixtral's router feeds softmax → topk (expert choice): factorising it would change which experts run
+    from effcompile.spec import load_hf_spec
+
+    from conftest import generic_tiny_overrides
+
+    spec = load_hf_spec("mixtral", {**generic_tiny_overrides("mixtral"), "num_local_experts": 4,
+                                    "num_experts_per_tok": 2}, batch=2, seq=8)
+    program = capture(spec)
+    out, record = run(program, {"rank": 4, "min_saving": -10.0}, verify=False)  # every other linear factorised
+    routers = {path: why for path, why in record.details["skipped"].items() if "router" in why}
+    assert sorted(routers) == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"], record.details["skipped"]
+    assert all("topk" in why for why in routers.values())
+    assert not any(path.endswith("mlp.gate") for path in factorised(out.gm))
+    assert any(path.endswith("self_attn.q_proj") for path in factorised(out.gm))
+    # named explicitly, a router is the user's choice
+    out, _ = run(program, {"rank": 4, "min_saving": -10.0, "targets": ("gate",)}, verify=False)
+    assert any(path.endswith("mlp.gate") for path in factorised(out.gm))

@@ -447,3 +447,96 @@ def test_a_native_crash_in_generate_artifacts_is_an_export_error(tmp_path, monke
     with pytest.raises(ExportError, match=r"crashed \(signal 11\)"):
         export_training_artifacts(program, tmp_path / "out", **OPTIMIZER)
     assert not (tmp_path / "out").exists()
+
+
+class _DefaultedArguments(torch.nn.Module):
+    """A forward with defaulted arguments the example does not give (issue #18 item 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x, attn_mask=None, is_causal=True):
+        return self.proj(x)
+
+
+def test_loss_fn_is_called_as_the_spec_calls_it(tmp_path):
+    # loss_fn(output, x) takes only the spec's inputs: the export must not pass attn_mask/is_causal as keywords
+    def loss_fn(output, x):
+        return torch.nn.functional.mse_loss(output, x)
+
+    torch.manual_seed(0)
+    spec = effcompile.ModelSpec(_DefaultedArguments(), (torch.randn(2, 16),), {}, loss_fn, "defaults")
+    program = _compile(spec)
+    export_training_artifacts(program, tmp_path, **OPTIMIZER)
+    trainer = OrtTrainer(tmp_path)
+    feeds = [v for v in program.flat_inputs() if isinstance(v, torch.Tensor)]  # the defaults are constants
+    ort_losses = [trainer.step(feeds) for _ in range(5)]
+    _assert_same_curve(ort_losses, _torch_losses(program, 5))
+
+
+@torch.library.custom_op("effcompile_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Inner(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.effcompile_test.twice(x)
+
+
+class _WithCustomOp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.block = _Inner()
+
+    def forward(self, x):
+        return self.block(self.proj(x))
+
+
+def test_an_op_without_onnx_translation_is_named_with_its_module(tmp_path):
+    # the exporter's banner (ANSI colours, "step 3/3") named no op: the message names op, module path and fix
+    spec = effcompile.ModelSpec(_WithCustomOp(), (torch.randn(2, 8),), {}, lambda out, x: out.square().mean(),
+                                "custom_op")
+    program = _compile(spec)
+    with pytest.raises(ExportError) as caught:
+        export_training_artifacts(program, tmp_path / "out", **OPTIMIZER)
+    message = str(caught.value)
+    assert "\x1b[" not in message and "step 3/3" not in message
+    assert "effcompile_test.twice.default at block (node" in message and "no ONNX translation" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_describe_export_failure_gives_the_experts_fix():
+    from effcompile.export.onnx.failures import describe_export_failure
+
+    cause = RuntimeError("No ONNX function found for <OpOverload(op='transformers.grouped_mm_fallback', "
+                         "overload='default')>. Failure message: No decompositions registered")
+    error = RuntimeError("Failed to convert the exported program to an ONNX model. \x1b[96mThis is step 3/3\x1b[0m")
+    error.__cause__ = cause
+    message = describe_export_failure(error)
+    assert message.startswith("transformers.grouped_mm_fallback.default has no ONNX translation")
+    assert "experts_implementation=batched_mm" in message and "\x1b" not in message
+
+
+def test_t5_attention_output_view_exports(tmp_path):
+    # hf:t5 at 32 tokens: SDPA → transpose → contiguous → view; the exporter's decomposition step dropped the
+    # contiguous() and failed on the view ("Failed to decompose the FX graph for ONNX compatibility")
+    from effcompile.spec import load_hf_spec
+
+    config = dict(vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0)
+    program = _compile(load_hf_spec("t5", config, batch=2, seq=32))
+    with torch.no_grad():
+        expected = program.run()
+    session = onnxruntime.InferenceSession(export_eval_model(program, tmp_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feeds = dict(zip(names, [t.numpy() for t in program.flat_inputs() if isinstance(t, torch.Tensor)]))
+    outputs = session.run(None, feeds)
+    np.testing.assert_allclose(outputs[0], expected.loss.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(outputs[1], expected.logits.numpy(), rtol=1e-4, atol=1e-5)

@@ -121,3 +121,11 @@ def test_unknown_task_is_refused():
         load_hf_spec("gpt2", {"n_layer": 1}, task="translation")
     with pytest.raises(SpecError, match="has no image-classification class"):
         load_hf_spec("gpt2", {"n_layer": 1}, task="image-classification")
+
+
+def test_experts_implementation_is_a_model_arg():
+    # MoE ONNX export needs transformers' batched_mm experts (grouped_mm has no ONNX translation)
+    spec = load_hf_spec("mixtral", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 2,
+                                    "vocab_size": 64, "experts_implementation": "batched_mm"}, batch=1, seq=4)
+    assert spec.module.config._experts_implementation == "batched_mm"

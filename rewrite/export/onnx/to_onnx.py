@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from ...errors import ExportError
 from ...graph import get_attr_value, module_path, op_name
 from ...program import Program, loss_field
+from .failures import describe_export_failure, strip_ansi
 from .helpers import default_opset, first_line
 from .legalize import MAX_IR_VERSION
 
@@ -57,11 +58,11 @@ class _Wrapper(torch.nn.Module):
         self._unflatten = _input_unflattener(program)
 
     def forward(self, *flat: Any) -> Any:
-        args, kwargs = self._unflatten(list(flat))
+        args, kwargs, loss_args, loss_kwargs = self._unflatten(list(flat))
         output = self.gm(*args, **kwargs)
         if self._mode == "train":
-            if self._loss_fn is not None:
-                return self._loss_fn(output, *args, **kwargs)
+            if self._loss_fn is not None:  # as ``Program.objective`` calls it: the spec's own (args, kwargs)
+                return self._loss_fn(output, *loss_args, **loss_kwargs)
             loss = loss_field(output)
             if loss is None:
                 raise ExportError("onnx export: the model returns no scalar `loss`; give the spec a loss_fn")
@@ -77,13 +78,56 @@ class _Wrapper(torch.nn.Module):
 
 
 def _input_unflattener(program: Program) -> Any:
+    """A function from the flat inputs (``Program.flat_inputs``' order) to ``(gm args, gm kwargs, loss_fn args,
+    loss_fn kwargs)``: the GraphModule gets its placeholders, ``loss_fn`` the structure of the spec's own
+    ``(args, kwargs)`` — never the forward's unused defaults as keywords."""
     if program.capture_path == "export":
         flat, spec = pytree.tree_flatten((program.args, program.kwargs))
         placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
         if len(flat) == len(placeholders):
-            return lambda values: pytree.tree_unflatten(values, spec)
-    names = list(inspect.signature(program.gm.forward).parameters)
-    return lambda values: ((), dict(zip(names, values)))
+            def unflatten_export(values: list[Any]) -> tuple[Any, ...]:
+                args, kwargs = pytree.tree_unflatten(values, spec)
+                return args, kwargs, args, kwargs
+            return unflatten_export
+    signature = inspect.signature(program.gm.forward)
+    names = list(signature.parameters)
+    bound = signature.bind(*program.args, **program.kwargs).arguments  # the spec's names, in its order
+    positional = [name for name in bound if name not in program.kwargs]
+
+    def unflatten_named(values: list[Any]) -> tuple[Any, ...]:
+        by_name = dict(zip(names, values))
+        return ((), by_name, tuple(by_name[n] for n in positional), {k: by_name[k] for k in program.kwargs})
+    return unflatten_named
+
+
+_LAYOUT_OPS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default}
+_VIEW_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
+
+
+def _copy_before_strided_views(gm: torch.fx.GraphModule) -> int:
+    """Give every ``view``/``reshape`` of a transposed/permuted tensor a contiguous copy as its input. Returns
+    how many.
+
+    A ``transpose → reshape`` traced where the tensor happened to be contiguous (T5's attention output after
+    the fused SDPA kernel) is decomposed into a ``view`` by the ONNX exporter's decomposition step, which
+    re-runs the graph with SDPA decomposed to its math — whose output has another layout, so the ``view``
+    fails ("Cannot view a tensor with shape … and strides …"); the same step drops a ``contiguous()`` it judges
+    a no-op, so each becomes an explicit contiguous ``clone``. The copies are ``Identity`` nodes in ONNX."""
+    contiguous = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.contiguous.default
+                  and len(n.args) == 1]
+    for node in contiguous:  # an explicit copy: the decomposition drops a contiguous() it judges a no-op
+        node.target, node.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
+    views = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _VIEW_OPS
+             and isinstance(n.args[0], torch.fx.Node) and n.args[0].target in _LAYOUT_OPS]
+    for view in views:
+        with gm.graph.inserting_before(view):
+            copy = gm.graph.call_function(torch.ops.aten.clone.default, (view.args[0],),
+                                          {"memory_format": torch.contiguous_format})
+        copy.meta.update({k: v for k, v in view.args[0].meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+        view.replace_input_with(view.args[0], copy)
+    if views or contiguous:
+        gm.recompile()
+    return len(views) + len(contiguous)
 
 
 def _input_names(program: Program) -> list[str]:
@@ -130,6 +174,7 @@ def export_program(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tu
             # forward(*flat): the varargs tuple is one argument, so its shapes go in a 1-tuple
             exported = torch.export.export(wrapper, flat, dynamic_shapes=None if shapes is None else (shapes,),
                                            strict=False)
+            _copy_before_strided_views(exported.graph_module)
             stage = "torch.onnx.export"
             onnx_program = torch.onnx.export(exported, flat, dynamo=True, optimize=False,
                                              opset_version=opset, verbose=False)
@@ -139,9 +184,11 @@ def export_program(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tu
             if shapes is not None:
                 log.info("dynamic-batch export failed in %s (%s); exporting static shapes", stage, first_line(error))
                 continue
-            hint = ("the graph must be re-traceable (no Python side effects)" if stage.startswith("torch.export")
-                    else "an op has no ONNX translation — rewrite it or register a custom translation")
-            raise ExportError(f"onnx export: {stage} failed: {first_line(error)}; {hint}") from error
+            if stage.startswith("torch.export"):
+                message = f"{strip_ansi(first_line(error))}; the graph must be re-traceable (no Python side effects)"
+            else:
+                message = describe_export_failure(error, program.gm)
+            raise ExportError(f"onnx export: {stage} failed: {message}") from error
     assert onnx_program is not None
     model = onnx_program.model_proto
     _rename_io(model, input_names, mode, program)
