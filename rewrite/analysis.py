@@ -387,7 +387,14 @@ class DeviceProfile:
     is the host's, nothing to offload to); ``segment_overhead_share``: the fixed cost of one
     checkpointed segment (Python, dispatch), as a share of the whole forward's time;
     ``eager_time_scale``: how much longer an eager (uncompiled) forward takes than the roofline says
-    (launches, unfused elementwise kernels) — what copies can hide behind is real time."""
+    (launches, unfused elementwise kernels) — what copies can hide behind is real time.
+
+    Per-dtype and per-kernel rates (what ``--passes auto``'s step-time prediction reads):
+    ``float32_flops_per_second`` / ``float16_flops_per_second``: matmul FLOP/s producing float32 / float16
+    (None: 1/8 of ``flops_per_second`` — no TF32 — / the same as it); ``attention_share``: the share of the
+    matmul rate attention kernels reach; ``kernel_seconds``: the fixed cost of one eager op (launch,
+    dispatch); ``fused_memory_share``: the share of elementwise traffic left when compiled (Inductor fuses
+    chains of elementwise ops)."""
 
     name: str
     flops_per_second: float
@@ -395,11 +402,25 @@ class DeviceProfile:
     host_link_bytes_per_second: float
     segment_overhead_share: float = 0.002
     eager_time_scale: float = 1.0
+    float32_flops_per_second: float | None = None
+    float16_flops_per_second: float | None = None
+    attention_share: float = 0.5
+    kernel_seconds: float = 8e-6
+    fused_memory_share: float = 0.35
 
     @property
     def flops_per_byte(self) -> float:
         """The roofline's ridge point: FLOPs per byte at which compute and memory time are equal."""
         return self.flops_per_second / self.memory_bytes_per_second
+
+    def matmul_rate(self, dtype: torch.dtype | None) -> float:
+        """FLOP/s of a matmul producing ``dtype``: bfloat16 at ``flops_per_second``, float16 at
+        ``float16_flops_per_second``, anything else (float32, unknown) at ``float32_flops_per_second``."""
+        if dtype == torch.bfloat16:
+            return self.flops_per_second
+        if dtype == torch.float16:
+            return self.float16_flops_per_second if self.float16_flops_per_second is not None else self.flops_per_second
+        return self.float32_flops_per_second if self.float32_flops_per_second is not None else self.flops_per_second / 8
 
 
 # Achieved, not datasheet, figures. H100/H200 keep remat's original ridge point (200 FLOPs per byte) so
@@ -430,6 +451,35 @@ def device_profile(device: str | torch.device) -> DeviceProfile:
     return DEVICE_PROFILES["h200" if "H200" in name else "h100"]
 
 
+def cpu_low_precision_factor() -> float:
+    """bf16 matmuls on this CPU relative to float32 (a prior; timed steps decide): AMX tiles ~4×, AVX-512
+    BF16 ~1.5×, otherwise slower (operands converted), 0.5×. Read from ``/proc/cpuinfo``'s flags (not
+    Linux: no bf16 instructions assumed)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "amx_bf16" in flags:
+        return 4.0
+    return 1.5 if "avx512_bf16" in flags else 0.5
+
+
+def local_profile(device: str | torch.device) -> DeviceProfile:
+    """The profile of ``device`` as this process sees it, for step-time predictions: a CUDA device its
+    named profile (``device_profile``); the CPU sized to this process's threads (25 GFLOP/s float32 per
+    core, 10 GB/s of memory bandwidth per core up to 4, bf16 per ``cpu_low_precision_factor``, float16
+    at half that, no host link). Raises KeyError for a device without a profile."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return device_profile(device)
+    cores = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    fp32 = 2.5e10 * cores
+    factor = cpu_low_precision_factor()
+    return DeviceProfile("cpu", fp32 * factor, 1e10 * min(cores, 4), 0.0, float32_flops_per_second=fp32,
+                         float16_flops_per_second=fp32 * factor / 2, kernel_seconds=15e-6, fused_memory_share=0.5)
+
+
 def written_bytes(node: torch.fx.Node, analysis: Analysis) -> int:
     """Bytes a node writes to fresh storages (its outputs that are not views of its inputs' storages)."""
     cost = analysis.costs.get(node.name)
@@ -439,7 +489,7 @@ def written_bytes(node: torch.fx.Node, analysis: Analysis) -> int:
     for source in node.all_input_nodes:
         if source.name in analysis.costs:
             sources.update(analysis.costs[source.name].output_storages)
-    return sum(analysis.storage_bytes[k] for k in cost.output_storages if k not in sources)
+    return sum(analysis.storage_bytes.get(k, 0) for k in cost.output_storages if k not in sources)
 
 
 def node_time_cost(node: torch.fx.Node, analysis: Analysis, profile: DeviceProfile) -> float:
@@ -487,6 +537,17 @@ def exposed_copy_seconds(nbytes: float, window_seconds: float, link_bytes_per_se
     if link_bytes_per_second <= 0:
         return math.inf
     return max(0.0, nbytes / link_bytes_per_second - window_seconds)
+
+
+@dataclass(frozen=True)
+class HostLink:
+    """The host link's measured bandwidth, a fact about the device the caller (``effcompile.compile``, the
+    command line) measures before passes run and stores on the Program (``program.set_plan(HostLink(...))``):
+    passes read it (``program.plan(HostLink)``) and never measure or cache it themselves. ``bytes_per_second``
+    per direction (the slower one); ``source``: ``"measured"``, ``"cached"`` or ``"default"``."""
+
+    bytes_per_second: float
+    source: str
 
 
 LINK_CACHE_ENV = "EFFCOMPILE_CACHE_DIR"  # where link.json lives (default ~/.cache/effcompile)
