@@ -1,7 +1,7 @@
 """The one cost model: shapes, forward FLOPs, output bytes and saved-for-backward bytes per node, a
 networkx view of the graph, and what those cost in time on a device (``DeviceProfile``: the roofline's
-FLOP/s and memory bytes/s, and the host link's bytes/s). Passes and the report read these; none
-re-derives them.
+FLOP/s and memory bytes/s, and the host link's bytes/s — defined in ``effcompile.devices`` and re-exported
+here). Passes and the report read these; none re-derives them.
 
 Units: FLOPs are floating-point operations of one forward (a multiply-add is 2). Every op that
 ``torch.utils.flop_counter.FlopCounterMode`` counts (matmuls, convolutions, attention — including those
@@ -15,12 +15,7 @@ FLOP-equivalents (seconds × the profile's FLOP/s: what a solver sums and compar
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
-import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -29,6 +24,48 @@ import torch.fx
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from .devices import (  # re-exported: the cost model's public names stay effcompile.analysis.*
+    DEFAULT_ACCELERATOR as DEFAULT_ACCELERATOR,
+)
+from .devices import (
+    DEVICE_PROFILES as DEVICE_PROFILES,
+)
+from .devices import (
+    LINK_CACHE_ENV as LINK_CACHE_ENV,
+)
+from .devices import (
+    DeviceProfile as DeviceProfile,
+)
+from .devices import (
+    HostLink as HostLink,
+)
+from .devices import (
+    cost_seconds as cost_seconds,
+)
+from .devices import (
+    cpu_low_precision_factor as cpu_low_precision_factor,
+)
+from .devices import (
+    device_profile as device_profile,
+)
+from .devices import (
+    exposed_copy_seconds as exposed_copy_seconds,
+)
+from .devices import (
+    host_link_bandwidth as host_link_bandwidth,
+)
+from .devices import (
+    link_cache_path as link_cache_path,
+)
+from .devices import (
+    local_profile as local_profile,
+)
+from .devices import (
+    measure_host_link as measure_host_link,
+)
+from .devices import (
+    seconds_cost as seconds_cost,
+)
 from .graph import get_attr_value
 from .program import Program
 
@@ -375,59 +412,7 @@ def float8_gemm_choice(in_features: int, out_features: int, first: bool, last: b
     return True, f"{in_features}×{out_features} ≥ {min_dim}"
 
 
-# ---- Time: device profiles, the roofline and the host link (remat's planner, later pipeline and --passes auto) ----
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What one kind of device does per second: the two roofs of the roofline and the host link.
-
-    ``flops_per_second``: dense matmul FLOP/s that large GEMMs reach (bf16 tensor cores on a GPU);
-    ``memory_bytes_per_second``: bytes/s that elementwise kernels reach in device memory (HBM);
-    ``host_link_bytes_per_second``: pinned host memory ↔ device, per direction (0: the device's memory
-    is the host's, nothing to offload to); ``segment_overhead_share``: the fixed cost of one
-    checkpointed segment (Python, dispatch), as a share of the whole forward's time;
-    ``eager_time_scale``: how much longer an eager (uncompiled) forward takes than the roofline says
-    (launches, unfused elementwise kernels) — what copies can hide behind is real time."""
-
-    name: str
-    flops_per_second: float
-    memory_bytes_per_second: float
-    host_link_bytes_per_second: float
-    segment_overhead_share: float = 0.002
-    eager_time_scale: float = 1.0
-
-    @property
-    def flops_per_byte(self) -> float:
-        """The roofline's ridge point: FLOPs per byte at which compute and memory time are equal."""
-        return self.flops_per_second / self.memory_bytes_per_second
-
-
-# Achieved, not datasheet, figures. H100/H200 keep remat's original ridge point (200 FLOPs per byte) so
-# plans made before the profiles existed stay the same; the links are PCIe Gen5 x16 with pinned memory
-# (~50 GB/s per direction measured on an H200; ``host_link_bandwidth`` measures the real one). The eager
-# scale: GPT-2 medium, batch 8 × 1024, bf16 autocast ran 100 ms a step on an H200 where this roofline
-# predicts about 46 (``measure_forward_seconds`` measures it on the device when the program is there).
-DEVICE_PROFILES: dict[str, DeviceProfile] = {
-    "h200": DeviceProfile("h200", 800e12, 4.0e12, 45e9, eager_time_scale=2.0),
-    "h100": DeviceProfile("h100", 660e12, 3.3e12, 45e9, eager_time_scale=2.0),
-    "cpu": DeviceProfile("cpu", 1e12, 1e11, 0.0),
-}
-DEFAULT_ACCELERATOR = "h200"
-
-
-def device_profile(device: str | torch.device) -> DeviceProfile:
-    """The profile for a profile name (``"h200"``, ``"h100"``, ``"cpu"``) or a torch device: a CUDA
-    device by its name (H200, H100; any other GPU gets the H100 figures), the CPU the CPU's.
-    Raises KeyError for an unknown profile name."""
-    if isinstance(device, str) and device in DEVICE_PROFILES:
-        return DEVICE_PROFILES[device]
-    device = torch.device(device)
-    if device.type != "cuda":
-        if device.type == "cpu":
-            return DEVICE_PROFILES["cpu"]
-        raise KeyError(f"no cost profile for device {device}")
-    name = torch.cuda.get_device_name(device).upper() if torch.cuda.is_available() else ""
-    return DEVICE_PROFILES["h200" if "H200" in name else "h100"]
+# ---- Time: the roofline per node, on a DeviceProfile (effcompile.devices) ----
 
 
 def written_bytes(node: torch.fx.Node, analysis: Analysis) -> int:
@@ -439,7 +424,7 @@ def written_bytes(node: torch.fx.Node, analysis: Analysis) -> int:
     for source in node.all_input_nodes:
         if source.name in analysis.costs:
             sources.update(analysis.costs[source.name].output_storages)
-    return sum(analysis.storage_bytes[k] for k in cost.output_storages if k not in sources)
+    return sum(analysis.storage_bytes.get(k, 0) for k in cost.output_storages if k not in sources)
 
 
 def node_time_cost(node: torch.fx.Node, analysis: Analysis, profile: DeviceProfile) -> float:
@@ -467,99 +452,6 @@ def node_recompute_cost(node: torch.fx.Node, analysis: Analysis, cost_model: str
 def segment_overhead_cost(forward_cost: float, profile: DeviceProfile) -> float:
     """The fixed cost of one checkpointed segment, FLOP-equivalents, for a forward costing ``forward_cost``."""
     return profile.segment_overhead_share * forward_cost
-
-
-def cost_seconds(cost: float, profile: DeviceProfile) -> float:
-    """FLOP-equivalents → seconds on ``profile``."""
-    return cost / profile.flops_per_second
-
-
-def seconds_cost(seconds: float, profile: DeviceProfile) -> float:
-    """Seconds → FLOP-equivalents on ``profile`` (the unit solvers sum)."""
-    return seconds * profile.flops_per_second
-
-
-def exposed_copy_seconds(nbytes: float, window_seconds: float, link_bytes_per_second: float) -> float:
-    """Seconds a copy of ``nbytes`` over the host link adds to a step when compute of
-    ``window_seconds`` runs beside it: the part that cannot hide (inf without a link)."""
-    if nbytes <= 0:
-        return 0.0
-    if link_bytes_per_second <= 0:
-        return math.inf
-    return max(0.0, nbytes / link_bytes_per_second - window_seconds)
-
-
-LINK_CACHE_ENV = "EFFCOMPILE_CACHE_DIR"  # where link.json lives (default ~/.cache/effcompile)
-
-
-def link_cache_path() -> Path:
-    """The file caching measured host-link bandwidths: ``$EFFCOMPILE_CACHE_DIR/link.json``, else
-    ``~/.cache/effcompile/link.json``."""
-    root = os.environ.get(LINK_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "effcompile")
-    return Path(root) / "link.json"
-
-
-def measure_host_link(device: torch.device | str, nbytes: int = 256 * 2**20, repeats: int = 5) -> dict[str, float]:
-    """Copy ``nbytes`` between pinned host memory and CUDA ``device`` on a side stream, both directions,
-    and return the median bandwidth of ``repeats`` copies in bytes/s (``device_to_host``,
-    ``host_to_device``). Raises RuntimeError without CUDA."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"measure_host_link needs a CUDA device, got {device}")
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    on_device = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    stream = torch.cuda.Stream(device)
-    bandwidth = {}
-    with torch.cuda.stream(stream):
-        for name, target, source in (("device_to_host", host, on_device), ("host_to_device", on_device, host)):
-            target.copy_(source, non_blocking=True)  # warm-up
-            seconds = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                target.copy_(source, non_blocking=True)
-                end.record(stream)
-                end.synchronize()
-                seconds.append(start.elapsed_time(end) / 1000)
-            bandwidth[name] = nbytes / sorted(seconds)[len(seconds) // 2]
-    return bandwidth
-
-
-def host_link_bandwidth(device: torch.device | str, measure: bool = True) -> tuple[float, str]:
-    """Bytes/s the host link moves per direction (the slower one) for ``device``, and where the figure
-    came from (``"measured"``, ``"cached"`` or ``"default"``). A CUDA device is measured once
-    (``measure_host_link``) and cached in ``link_cache_path()`` under its name and UUID; without CUDA,
-    with ``measure=False`` and nothing cached, or when measuring fails, the profile's default."""
-    device = torch.device(device)
-    default = device_profile(device).host_link_bytes_per_second
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return default, "default"
-    properties = torch.cuda.get_device_properties(device)
-    key = f"{properties.name} {getattr(properties, 'uuid', device.index)}"
-    path = link_cache_path()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    entry = cached.get(key) if isinstance(cached, dict) else None
-    if isinstance(entry, dict) and isinstance(entry.get("bytes_per_second"), (int, float)):
-        return float(entry["bytes_per_second"]), "cached"
-    if not measure:
-        return default, "default"
-    try:
-        measured = measure_host_link(device)
-    except RuntimeError as error:  # out of memory or no pinned memory: the default is still a fair guess
-        logging.getLogger(__name__).warning("host link not measured (%s); using %.0f GB/s", error, default / 1e9)
-        return default, "default"
-    bandwidth = min(measured.values())
-    cached = cached if isinstance(cached, dict) else {}
-    cached[key] = {"bytes_per_second": bandwidth, **measured, "torch": torch.__version__}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1))
-    except OSError:  # a read-only home: measure again next time
-        pass
-    return bandwidth, "measured"
 
 
 def measure_forward_seconds(program: Program, autocast: torch.dtype | None = None, repeats: int = 3) -> float:

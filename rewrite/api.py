@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .analysis import Analysis, parameter_count
+from .analysis import Analysis, HostLink, host_link_bandwidth, parameter_count
 from .capture import capture
 from .errors import OptionError, SpecError, guard
 from .export.module import load_module, save_module
@@ -83,6 +83,8 @@ def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, pass
     with stage(progress, "capture") as note, guard("capture"):
         program = capture(spec, capture_path, dynamic_batch)
         note.detail = program.capture_path
+    if any(pass_.needs_host_link(config) for pass_, config in resolved):
+        supply_host_link(program)
     manager = PassManager(resolved, verify=verify, measure=measure, max_error=max_error, progress=progress)
     result = manager.run(program)
     report = Report(model=_model_summary(result.program, program, result.analysis_before), records=result.records)
@@ -94,6 +96,16 @@ def compile(model: torch.nn.Module | ModelSpec, example_inputs: Any = None, pass
     del program, result
     gc.collect()  # the captured program (its own parameter copies) sits in GraphModule reference cycles
     return CompileResult(final.gm, final, report)
+
+
+def supply_host_link(program: Program) -> None:
+    """Measure (once per device, then cached on disk) the host link of the CUDA device ``program`` is on and
+    store it on the Program as ``analysis.HostLink`` for passes that price copies to host memory. Nothing on
+    the CPU (no link: a pass uses its profile's figure)."""
+    parameter = next(program.gm.parameters(), None)
+    if parameter is None or parameter.device.type != "cuda":
+        return
+    program.set_plan(HostLink(*host_link_bandwidth(parameter.device)))
 
 
 def check_max_error(max_error: float | None, verify: bool = True) -> None:

@@ -74,6 +74,11 @@ class Pass:
     #: True: this pass must be the last one (it reshapes the program for its consumer, e.g. into stages).
     last: ClassVar[bool] = False
 
+    def needs_host_link(self, config: Any) -> bool:
+        """Whether this pass, run with ``config``, reads the host link's bandwidth (``analysis.HostLink`` on
+        the Program): the caller then measures it before passes run, since a pass does no I/O."""
+        return False
+
     @dataclass(frozen=True)
     class Config:
         pass

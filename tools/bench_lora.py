@@ -181,6 +181,23 @@ BUILDERS: dict[str, tuple[str, Callable[..., torch.nn.Module]]] = {
 }
 
 
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Add to each measured row its peak memory ÷ full fine-tuning's (``peak_vs_full``) and its step time ÷
+    PEFT LoRA's (``ms_vs_peft``) where those rows ran, and print them."""
+    by_name = {r["config"]: r for r in rows if "error" not in r}
+    full, peft = by_name.get("full"), by_name.get("peft")
+    print("\nratios (memory vs full fine-tuning, time vs PEFT LoRA; goals: memory ≤ 0.40, time ≤ 1.02)", flush=True)
+    for row in rows:
+        if "error" in row:
+            continue
+        if full and full["peak_gib"] == full["peak_gib"] and full["peak_gib"] > 0:
+            row["peak_vs_full"] = row["peak_gib"] / full["peak_gib"]
+        if peft:
+            row["ms_vs_peft"] = row["ms_per_step"] / peft["ms_per_step"]
+        print(f"{row['label']:48s} peak/full {row.get('peak_vs_full', float('nan')):6.3f}   "
+              f"ms/PEFT {row.get('ms_vs_peft', float('nan')):6.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the configurations one after another; print and (with ``$OUT``) save the rows."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -245,18 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         del model
         _free(device)
-    by_name = {r["config"]: r for r in rows if "error" not in r}
-    full, peft = by_name.get("full"), by_name.get("peft")
-    print("\nratios (memory vs full fine-tuning, time vs PEFT LoRA; goals: memory ≤ 0.40, time ≤ 1.02)", flush=True)
-    for row in rows:
-        if "error" in row:
-            continue
-        if full and full["peak_gib"] == full["peak_gib"] and full["peak_gib"] > 0:
-            row["peak_vs_full"] = row["peak_gib"] / full["peak_gib"]
-        if peft:
-            row["ms_vs_peft"] = row["ms_per_step"] / peft["ms_per_step"]
-        print(f"{row['label']:48s} peak/full {row.get('peak_vs_full', float('nan')):6.3f}   "
-              f"ms/PEFT {row.get('ms_vs_peft', float('nan')):6.3f}", flush=True)
+    add_ratios(rows)
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,8 @@ def time_interleaved(steps: dict, warmup: int, measured: int) -> dict[str, tuple
     return {name: (statistics.median(times[name]), losses[name], times[name]) for name in steps}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options (``--quick``: a tiny GPT-2, an end-to-end check)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny GPT-2 (2 layers, d64): an end-to-end check")
     parser.add_argument("--layers", type=int, default=12)
@@ -76,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.layers, args.width, args.heads, args.vocab, args.seq, args.batch = 2, 64, 4, 128, 32, 2
         args.steps, args.warmup = 5, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time PyTorch eager against ONNX Runtime training (see the module docstring); rows to $OUT/bench_ort.json."""
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     lr, betas, eps, weight_decay = 1e-4, (0.9, 0.999), 1e-8, 0.0
     config = f"GPT-2 L{args.layers} d{args.width} B{args.batch} S{args.seq}"
@@ -114,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
             return trainer.step(feeds)
 
         backends = {"PyTorch eager": torch_step, "ONNX Runtime training": ort_step}
-        measured: dict[str, float] = {}
         try:
             results = time_interleaved(backends, args.warmup, args.steps)
         except Exception as error:  # a failing backend: measure the other alone so its figure still shows
@@ -126,21 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.update(time_interleaved({name: step}, args.warmup, args.steps))
                 except Exception as single:
                     print(f"{name:24s} {config}: FAILED {type(single).__name__}: {single}", flush=True)
-        for name, (ms, losses, step_ms) in results.items():
-            measured[name] = ms
-            tokens = args.batch * args.seq / (ms / 1e3)
-            row = {"backend": name, "config": config, "ms_per_step": round(ms, 1), "tokens_per_s": round(tokens, 1),
-                   "losses": [round(v, 5) for v in losses],
-                   "step_ms": [round(v, 1) for v in step_ms]}
-            rows.append(row)
-            print(f"{name:24s} {config}: {ms:9.1f} ms/step (median)  {tokens:8.1f} tok/s  losses "
-                  + " ".join(f"{v:.4f}" for v in losses), flush=True)
-            print(f"{'':24s} measured steps (ms): " + " ".join(f"{v:.0f}" for v in row["step_ms"]), flush=True)
-        if len(measured) == 2:
-            ratio = measured["ONNX Runtime training"] / measured["PyTorch eager"]
-            rows.append({"backend": "ratio ORT/PyTorch", "config": config, "ratio": round(ratio, 3)})
-            verdict = "meets" if ratio <= 1.0 else "misses"
-            print(f"ratio ORT / PyTorch eager: {ratio:.2f}x  ({verdict} the goal <= 1.0x)", flush=True)
+        rows += result_rows(results, config, args.batch * args.seq)
         if args.profile:
             del trainer
             rows.append({"backend": "profile", "config": config,
@@ -155,6 +147,30 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def result_rows(results: dict[str, tuple[float, list[float], list[float]]], config: str, tokens_per_step: int
+                ) -> list[dict]:
+    """Print each backend's median ms per step, tokens/s, losses and measured steps, and the ORT/PyTorch
+    ratio when both ran; return them as JSON rows."""
+    rows: list[dict] = []
+    measured: dict[str, float] = {}
+    for name, (ms, losses, step_ms) in results.items():
+        measured[name] = ms
+        tokens = tokens_per_step / (ms / 1e3)
+        row = {"backend": name, "config": config, "ms_per_step": round(ms, 1), "tokens_per_s": round(tokens, 1),
+               "losses": [round(v, 5) for v in losses],
+               "step_ms": [round(v, 1) for v in step_ms]}
+        rows.append(row)
+        print(f"{name:24s} {config}: {ms:9.1f} ms/step (median)  {tokens:8.1f} tok/s  losses "
+              + " ".join(f"{v:.4f}" for v in losses), flush=True)
+        print(f"{'':24s} measured steps (ms): " + " ".join(f"{v:.0f}" for v in row["step_ms"]), flush=True)
+    if len(measured) == 2:
+        ratio = measured["ONNX Runtime training"] / measured["PyTorch eager"]
+        rows.append({"backend": "ratio ORT/PyTorch", "config": config, "ratio": round(ratio, 3)})
+        verdict = "meets" if ratio <= 1.0 else "misses"
+        print(f"ratio ORT / PyTorch eager: {ratio:.2f}x  ({verdict} the goal <= 1.0x)", flush=True)
+    return rows
 
 
 def profile_ort_nodes(onnx_folder: Path, arrays: list, threads: int, steps: int = 5, kept: int = 3

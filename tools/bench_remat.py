@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from effcompile.analysis import measure_saved_bytes  # noqa: E402
+from effcompile.api import supply_host_link  # noqa: E402
 from effcompile.capture import capture  # noqa: E402
 from effcompile.errors import EffcompileError  # noqa: E402
 from effcompile.pass_manager import PassManager, resolve_passes  # noqa: E402
@@ -119,6 +120,7 @@ def remat_module(base: Program, options: dict, device: str) -> tuple[torch.nn.Mo
     if device == "cuda":
         options = {**options, "autocast": "bfloat16"}  # plan for what bf16 autocast training saves
     passes = resolve_passes(["remat"], {"remat": options})
+    supply_host_link(program)  # the measured (or cached) link, as effcompile.compile hands it to remat
     result = PassManager(passes, verify=False, measure=False).run(program)
     record = result.records[0]
     if not record.changed:

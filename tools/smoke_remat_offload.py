@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from effcompile.api import supply_host_link  # noqa: E402
 from effcompile.capture import capture  # noqa: E402
 from effcompile.pass_manager import PassManager, resolve_passes  # noqa: E402
 from effcompile.passes.remat import OffloadedSpan, RematPlan  # noqa: E402
@@ -55,7 +56,9 @@ def captured(config: dict, batch: int, seq: int) -> Program:
 def rematerialised(program: Program, options: dict) -> Program:
     """``remat`` with ``options`` (planned for bf16 autocast) on a copy of ``program``."""
     passes = resolve_passes(["remat"], {"remat": {**options, "autocast": "bfloat16"}})
-    result = PassManager(passes, verify=False, measure=False).run(program.clone())
+    program = program.clone()
+    supply_host_link(program)  # the measured (or cached) link, as effcompile.compile hands it to remat
+    result = PassManager(passes, verify=False, measure=False).run(program)
     if not result.records[0].changed:
         raise SystemExit(f"remat changed nothing for {options}: {result.records[0].reason}")
     return result.program

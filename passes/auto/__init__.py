@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from effcompile.analysis import float8_gemm_choice
+from effcompile.analysis import float8_gemm_choice, local_profile
 from effcompile.errors import OptionError, PassError, VerificationError
 from effcompile.pass_manager import Pass, PassRecord, register, registry
 from effcompile.passes.remat import parse_bytes
@@ -37,7 +37,7 @@ from effcompile.plans import ExecutionPlan
 from effcompile.program import Program
 from effcompile.verify import compare
 
-from .cost import available_memory, device_rates
+from .cost import available_memory
 from .measure import program_device
 from .search import Search, SearchResult, Settings
 from .space import SpaceContext, allowed_names
@@ -110,6 +110,10 @@ class Auto(Pass):
                 if bad:
                     raise OptionError(f"auto: {name} holds {bad[0]}, not in {interval}; {name} are fractions")
 
+    def needs_host_link(self, config: Config) -> bool:
+        """Its memory-bound candidates may try ``remat.offload=auto``, which prices copies at the host link."""
+        return True
+
     def requires(self, program: Program, config: Config) -> None:
         """Refuse a program that already has an execution plan (auto ran before on it)."""
         if program.plan(ExecutionPlan) is not None:
@@ -127,7 +131,7 @@ class Auto(Pass):
         settings = Settings(limit, limit_source, config.budget_seconds, config.warmup, config.steps,
                             config.stop_margin, config.prune_margin, config.tie_margin, config.compile)
         passes = {n: cls for n, cls in registry().items() if n != self.name}
-        result = Search(program, passes, context, device_rates(device), settings).run()
+        result = Search(program, passes, context, local_profile(device), settings).run()
         gc.collect()  # the candidates' programs (reference cycles) hold device memory
         _verify(result)
         return self._install(program, result, settings, device)

@@ -19,8 +19,9 @@ Memory (bytes): parameters and buffers, gradients and AdamW's two moments of the
 activations autograd keeps for backward (measured in the analysis), and twice the largest single tensor (a
 gradient being formed in backward beside its input).
 
-The rates come from ``effcompile.analysis``'s device profile where the shared model has one, else from the
-table here. They order and prune candidates; the timed steps decide.
+The rates are the shared model's: ``effcompile.analysis.DeviceProfile`` (``local_profile(device)``: a CUDA
+device's named profile, the CPU sized to this process's threads). They order and prune candidates; the timed
+steps decide.
 """
 
 from __future__ import annotations
@@ -33,66 +34,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from effcompile.analysis import Analysis
+from effcompile.analysis import Analysis, DeviceProfile, written_bytes
 from effcompile.patterns import find_attention
 
-try:  # the device-aware profile of the shared cost model, where this build has it
-    from effcompile.analysis import device_profile as _device_profile
-except ImportError:  # pragma: no cover - depends on the build
-    _device_profile = None
-
 _COMPUTE_OPS = ("call_function", "call_method", "call_module")
-
-
-@dataclass(frozen=True)
-class Rates:
-    """What a device does per second, as the predictions use it.
-
-    ``flops_per_second``: matmul FLOP/s by output dtype; ``attention_share``: the share of that rate attention
-    kernels reach; ``memory_bytes_per_second``: device memory bandwidth; ``kernel_seconds``: the fixed cost of
-    one eager op (launch, dispatch); ``fused_memory_share``: the share of elementwise traffic left when
-    compiled; ``name``: the profile's name."""
-
-    name: str
-    flops_per_second: dict[torch.dtype, float]
-    memory_bytes_per_second: float
-    attention_share: float = 0.5
-    kernel_seconds: float = 8e-6
-    fused_memory_share: float = 0.35
-
-    def matmul_rate(self, dtype: torch.dtype | None) -> float:
-        """FLOP/s of a matmul producing ``dtype`` (float32 when unknown)."""
-        return self.flops_per_second.get(dtype, self.flops_per_second[torch.float32])
-
-
-def _cpu_low_precision_factor() -> float:
-    """bf16 matmuls on this CPU relative to float32 (a prior; the timed steps decide): AMX tiles ~4×, AVX-512
-    BF16 ~1.5×, otherwise slower (operands converted), 0.5×. Read from ``/proc/cpuinfo``'s flags."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:  # not Linux: assume no bf16 instructions
-        flags = []
-    if "amx_bf16" in flags:
-        return 4.0
-    return 1.5 if "avx512_bf16" in flags else 0.5
-
-
-def device_rates(device: torch.device) -> Rates:
-    """The rates for ``device`` (CUDA: the shared profile's bf16 FLOP/s and bandwidth when available, float32
-    matmuls at 1/8 of bf16 — no TF32 —; CPU: a few-core machine, bf16 per ``_cpu_low_precision_factor``)."""
-    if device.type == "cuda":
-        flops, bandwidth, name = 800e12, 4.0e12, "cuda"
-        if _device_profile is not None:
-            profile = _device_profile(device)
-            flops, bandwidth, name = profile.flops_per_second, profile.memory_bytes_per_second, profile.name
-        low = {torch.bfloat16: flops, torch.float16: flops}
-        return Rates(name, {**low, torch.float32: flops / 8}, bandwidth)
-    cores = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
-    fp32 = 2.5e10 * cores
-    factor = _cpu_low_precision_factor()
-    return Rates("cpu", {torch.float32: fp32, torch.bfloat16: fp32 * factor, torch.float16: fp32 * factor / 2},
-                 1e10 * min(cores, 4), attention_share=0.5, kernel_seconds=15e-6, fused_memory_share=0.5)
 
 
 @dataclass
@@ -104,17 +49,6 @@ class Prediction:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def _written_bytes(node: torch.fx.Node, analysis: Analysis) -> int:
-    cost = analysis.costs.get(node.name)
-    if cost is None:
-        return 0
-    sources: set[int] = set()
-    for source in node.all_input_nodes:
-        if source.name in analysis.costs:
-            sources.update(analysis.costs[source.name].output_storages)
-    return sum(analysis.storage_bytes.get(k, 0) for k in cost.output_storages if k not in sources)
-
-
 def _elements(cost: Any) -> int:
     return max(1, cost.output_bytes // max(1, _itemsize(cost.dtype)))
 
@@ -123,7 +57,7 @@ def _itemsize(dtype: torch.dtype | None) -> int:
     return torch.empty((), dtype=dtype).element_size() if dtype is not None else 4
 
 
-def forward_seconds(gm: torch.fx.GraphModule, analysis: Analysis, rates: Rates, compiled: bool) -> dict[str, float]:
+def forward_seconds(gm: torch.fx.GraphModule, analysis: Analysis, profile: DeviceProfile, compiled: bool) -> dict[str, float]:
     """The forward's predicted seconds split into ``compute`` (matmul-bound nodes), ``memory`` (memory-bound
     nodes) and ``kernels`` (the count of nodes that launch work)."""
     causal = {site.node.name for site in find_attention(gm) if site.kind == "sdpa" and site.is_causal}
@@ -134,38 +68,38 @@ def forward_seconds(gm: torch.fx.GraphModule, analysis: Analysis, rates: Rates, 
         cost = analysis.costs.get(node.name)
         if node.op not in _COMPUTE_OPS or cost is None:
             continue
-        written = _written_bytes(node, analysis)
+        written = written_bytes(node, analysis)
         flops = float(cost.flops)
         matmul_like = flops > 4 * _elements(cost)
         if not written and not matmul_like:
             continue  # a view
         kernels += 1
-        memory_time = 2 * written / rates.memory_bytes_per_second
+        memory_time = 2 * written / profile.memory_bytes_per_second
         if matmul_like:
-            rate = rates.matmul_rate(cost.dtype)
+            rate = profile.matmul_rate(cost.dtype)
             if node.name in attention:
-                rate *= rates.attention_share
+                rate *= profile.attention_share
                 flops *= 0.5 if node.name in causal else 1.0
             compute_time = flops / rate
             if compute_time >= memory_time:
                 compute += compute_time
                 continue
-        memory += memory_time * (rates.fused_memory_share if compiled else 1.0)
+        memory += memory_time * (profile.fused_memory_share if compiled else 1.0)
     return {"compute": compute, "memory": memory, "kernels": float(kernels)}
 
 
-def predict(gm: torch.fx.GraphModule, analysis: Analysis, rates: Rates, compiled: bool,
+def predict(gm: torch.fx.GraphModule, analysis: Analysis, profile: DeviceProfile, compiled: bool,
             records: Sequence[Any] = (), base: Prediction | None = None) -> Prediction:
     """Predicted seconds per training step (forward, backward, fused AdamW) and peak training bytes of
     ``gm`` as analysed, run compiled or eagerly. ``records``: the pass records of its stack; when one of them
     recomputes (``details["recompute_share"]``), give the prediction of the stack without that pass as
     ``base``: the time is then ``base``'s plus the recomputed share of its forward (the analysis of a
     checkpointed graph hides the work inside its segments), the memory this graph's."""
-    forward = forward_seconds(gm, analysis, rates, compiled)
+    forward = forward_seconds(gm, analysis, profile, compiled)
     forward_time = forward["compute"] + forward["memory"]
-    overhead = 0.0 if compiled else 3 * forward["kernels"] * rates.kernel_seconds
+    overhead = 0.0 if compiled else 3 * forward["kernels"] * profile.kernel_seconds
     state = training_state_bytes(gm)
-    optimizer_time = 7 * state["trainable"] / rates.memory_bytes_per_second
+    optimizer_time = 7 * state["trainable"] / profile.memory_bytes_per_second
     seconds = 3 * forward_time + overhead + optimizer_time
     changed = [r for r in records if r.changed]
     recompute_share = sum(float(r.details.get("recompute_cost_share") or r.details.get("recompute_share") or 0.0)

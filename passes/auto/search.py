@@ -29,14 +29,14 @@ from typing import Any
 
 import torch
 
-from effcompile.analysis import Analysis, analyze
+from effcompile.analysis import Analysis, DeviceProfile, analyze
 from effcompile.errors import EffcompileError, PassError
 from effcompile.options import build_config
 from effcompile.pass_manager import Pass, PassManager, PassRecord
 from effcompile.program import Program
 from effcompile.report import human_bytes
 
-from .cost import Prediction, Rates, predict
+from .cost import Prediction, predict
 from .measure import Timing, program_device, time_training_steps
 from .space import (
     Candidate,
@@ -113,9 +113,9 @@ class Builder:
 class Search:
     """One search over ``program`` (see the module docstring)."""
 
-    def __init__(self, program: Program, passes: Mapping[str, type[Pass]], context: SpaceContext, rates: Rates,
+    def __init__(self, program: Program, passes: Mapping[str, type[Pass]], context: SpaceContext, profile: DeviceProfile,
                  settings: Settings) -> None:
-        self.program, self.passes, self.context, self.rates, self.settings = program, passes, context, rates, settings
+        self.program, self.passes, self.context, self.profile, self.settings = program, passes, context, profile, settings
         self.device = program_device(program)
         self.builder = Builder(program, passes)
         self.analyses: dict[tuple[Step, ...], Analysis] = {}
@@ -148,10 +148,10 @@ class Search:
         self.candidates.append(candidate)
         names = candidate.names
         if (LOW_PRECISION_PASS in self.passes and LOW_PRECISION_PASS not in names
-                and self.rates.matmul_rate(torch.bfloat16) >= 2 * self.rates.matmul_rate(torch.float32)):
-            factor = self.rates.matmul_rate(torch.bfloat16) / self.rates.matmul_rate(torch.float32)
+                and self.profile.matmul_rate(torch.bfloat16) >= 2 * self.profile.matmul_rate(torch.float32)):
+            factor = self.profile.matmul_rate(torch.bfloat16) / self.profile.matmul_rate(torch.float32)
             candidate.status = "pruned"
-            candidate.reason = (f"float32 matmuls: bf16 runs at {factor:.0f}× their rate on {self.rates.name} "
+            candidate.reason = (f"float32 matmuls: bf16 runs at {factor:.0f}× their rate on {self.profile.name} "
                                 "(cost model); the same stack with amp is a candidate")
             return
         if self.elapsed() > self.settings.budget_seconds / 2 and self.predictions:
@@ -179,7 +179,7 @@ class Search:
             candidate.status, candidate.reason = "over memory", "the cost model's forward ran out of device memory"
             return
         self.analyses[candidate.steps] = analysis
-        prediction = predict(program.gm, analysis, self.rates, candidate.compile, records,
+        prediction = predict(program.gm, analysis, self.profile, candidate.compile, records,
                              self.predictions.get(base.steps) if base is not None else None)
         self.predictions[candidate.steps] = prediction
         candidate.predicted_seconds, candidate.predicted_bytes = prediction.seconds, prediction.bytes
@@ -296,8 +296,8 @@ class Search:
         self.candidates.append(twin)
         analysis = self.analyses[best.steps]
         program, records = self.builder.build(best.steps)
-        eager = predict(program.gm, analysis, self.rates, False, records).seconds
-        compiled = predict(program.gm, analysis, self.rates, True, records)
+        eager = predict(program.gm, analysis, self.profile, False, records).seconds
+        compiled = predict(program.gm, analysis, self.profile, True, records)
         twin.predicted_seconds, twin.predicted_bytes = compiled.seconds, compiled.bytes
         ratio = compiled.seconds / max(eager, 1e-12)
         twin.extra["predicted_gain_over_eager"] = round(1 / ratio, 3)

@@ -64,10 +64,10 @@ from effcompile.analysis import (
     DEFAULT_ACCELERATOR,
     Analysis,
     DeviceProfile,
+    HostLink,
     analyze,
     cost_seconds,
     device_profile,
-    host_link_bandwidth,
     measure_forward_seconds,
 )
 from effcompile.errors import OptionError, PassError
@@ -268,6 +268,10 @@ class Remat(Pass):
             offloaded = widen_offload(problem, solution.segments, offloaded, model, budget_bytes)
         return solution.segments, offloaded, solver + (" + offload" if offloaded else "")
 
+    def needs_host_link(self, config: Config) -> bool:
+        """Offloading without a given ``link_bandwidth`` prices copies at the measured host link."""
+        return config.offload != "off" and not config.link_bandwidth
+
     @staticmethod
     def _analyze(program: Program, config: Config) -> Analysis:
         """The cost model's run, under autocast when the plan is for autocast training."""
@@ -293,8 +297,9 @@ class Remat(Pass):
         if config.link_bandwidth:
             return float(config.link_bandwidth), "option"
         device = _program_device(program)
-        if device.type == "cuda" and config.device in ("auto", profile.name):
-            return host_link_bandwidth(device)
+        measured = program.plan(HostLink)  # measured by the caller (effcompile.compile): a pass does no I/O
+        if device.type == "cuda" and config.device in ("auto", profile.name) and measured is not None:
+            return measured.bytes_per_second, measured.source
         return profile.host_link_bytes_per_second, "default"
 
     @staticmethod

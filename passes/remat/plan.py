@@ -182,13 +182,20 @@ def build_problem(gm: torch.fx.GraphModule, analysis: Analysis, cost_model: str 
             regions.append((block, [node]))
     problem = Problem(nodes, position, compute, saved, dict(analysis.storage_bytes), regions)
     problem.baseline_bytes = sum(problem.storage_bytes[k] for k in set().union(*saved.values()))
-    problem.total_flops = sum(analysis.costs[n.name].flops for n in compute)
+    problem.total_flops = counted_flops(analysis, compute)
     problem.node_cost = {n: node_recompute_cost(n, analysis, cost_model, profile) for n in compute}
     problem.total_cost = sum(problem.node_cost.values())
     problem.segment_overhead = segment_overhead_cost(problem.total_cost, profile) if cost_model == "time" else 0.0
     problem.node_time = {n: node_time_cost(n, analysis, profile) for n in compute}
     problem.profile = profile
     return problem
+
+
+def counted_flops(analysis: Analysis, nodes: Sequence[torch.fx.Node] | set[torch.fx.Node]) -> int:
+    """Forward FLOPs of ``nodes`` as the report's FLOPs count them (``FlopCounterMode``'s ops; the cost
+    model's one-per-element proxies left out), so a plan's recomputed share reads against the header's."""
+    return sum(analysis.costs[n.name].flops for n in nodes
+               if n.name in analysis.costs and not analysis.costs[n.name].estimated)
 
 
 def make_candidate(problem: Problem, analysis: Analysis, compute_run: Sequence[torch.fx.Node], label: str,
@@ -205,7 +212,7 @@ def make_candidate(problem: Problem, analysis: Analysis, compute_run: Sequence[t
             if source not in member_set and source.name in analysis.costs:
                 inputs.update(analysis.costs[source.name].output_storages)
     internal = set().union(*(problem.saved[n] for n in members)) - inputs
-    flops = sum(analysis.costs[n.name].flops for n in members if n.name in analysis.costs)
+    flops = counted_flops(analysis, members)
     cost = sum(problem.node_cost.get(n, 0.0) for n in members) + problem.segment_overhead
     return Candidate(label, kind, region, members, problem.position[members[0]], problem.position[members[-1]],
                      flops, cost, frozenset(inputs), frozenset(internal))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from effcompile import analysis
+from effcompile import analysis, devices
 from effcompile.analysis import (
     DEVICE_PROFILES,
     analyze,
@@ -80,5 +80,5 @@ def test_host_link_measured_once_then_cached(monkeypatch, tmp_path):
     assert source == "measured" and measured > 1e9
     entry = next(iter(json.loads((tmp_path / "link.json").read_text()).values()))
     assert entry["bytes_per_second"] == measured
-    monkeypatch.setattr(analysis, "measure_host_link", lambda *a, **k: pytest.fail("measured twice"))
+    monkeypatch.setattr(devices, "measure_host_link", lambda *a, **k: pytest.fail("measured twice"))
     assert host_link_bandwidth("cuda") == (measured, "cached")
