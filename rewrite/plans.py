@@ -13,6 +13,15 @@ import torch
 import torch.fx
 
 
+@dataclass(frozen=True)
+class ComputePrecision:
+    """The lowest floating dtype the program computes its matmuls and attention in (left by ``amp``). An exact
+    pass after it is verified at that dtype's round-off, not float32's: two orderings of the same bf16
+    reductions differ by a few bf16 epsilons (``effcompile.verify.exact_tolerances``)."""
+
+    dtype: torch.dtype
+
+
 @dataclass
 class TiedParameter:
     """A trainable parameter that several stages read (tied embeddings): its first module name and the

@@ -21,11 +21,23 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from .plans import ComputePrecision
 from .program import Program
 
 # float32 round-off after reordering a few reductions: relative to each tensor's own scale.
 EXACT_RTOL = 1e-4
 EXACT_ATOL_FRACTION = 1e-5
+# After amp, an exact pass reorders low-precision reductions: this many of that dtype's epsilons.
+LOW_PRECISION_EPSILONS = 4.0
+
+
+def exact_tolerances(precision: ComputePrecision | None) -> tuple[float, float]:
+    """(rtol, atol as a fraction of each tensor's scale) of the exact check for a program computing in
+    ``precision`` (None or float32: float32 round-off; bf16/fp16: ``LOW_PRECISION_EPSILONS`` of its epsilon)."""
+    if precision is None or not precision.dtype.is_floating_point or torch.finfo(precision.dtype).eps <= torch.finfo(torch.float32).eps:
+        return EXACT_RTOL, EXACT_ATOL_FRACTION
+    eps = LOW_PRECISION_EPSILONS * torch.finfo(precision.dtype).eps
+    return max(EXACT_RTOL, eps), max(EXACT_ATOL_FRACTION, eps)
 
 
 @dataclass
@@ -129,7 +141,8 @@ def _run(program: Program, module: torch.nn.Module, dropout_off: bool) -> tuple[
             no_grad)
 
 
-def _errors(candidate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-6) -> tuple[float, float, bool]:
+def _errors(candidate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-6,
+            tolerances: tuple[float, float] = (EXACT_RTOL, EXACT_ATOL_FRACTION)) -> tuple[float, float, bool]:
     """(max abs error, relative to max(the reference's max abs, ``floor``), close to float32 round-off).
     ``floor``: the smallest scale the absolute tolerance is taken from (see ``compare``); the relative error
     uses the same, so a gradient that is zero in exact arithmetic does not report round-off as a huge error."""
@@ -137,7 +150,8 @@ def _errors(candidate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-
     max_abs = float(difference.max()) if difference.numel() else 0.0
     scale = float(reference.abs().max()) if reference.numel() else 0.0
     rel = max_abs / max(scale, floor) if max(scale, floor) > 0 else max_abs
-    close = bool(torch.allclose(candidate, reference, rtol=EXACT_RTOL, atol=EXACT_ATOL_FRACTION * max(scale, floor)))
+    rtol, atol_fraction = tolerances
+    close = bool(torch.allclose(candidate, reference, rtol=rtol, atol=atol_fraction * max(scale, floor)))
     if not (math.isfinite(max_abs)):
         close = False
     return max_abs, rel, close
@@ -148,7 +162,8 @@ def compare(reference: Program, candidate: Program, exact: bool, tolerance: floa
     outputs, objective and parameter gradients.
 
     Gradients are compared for trainable parameters present under the same name in both; the others
-    are listed in ``grads_not_compared``. ``exact`` applies float32 round-off tolerances; otherwise the
+    are listed in ``grads_not_compared``. ``exact`` applies round-off tolerances of the precision the
+    candidate computes in (``ComputePrecision``, left by ``amp``; float32 without it); otherwise the
     run fails only when the output's relative error exceeds ``tolerance`` (None: never). The result also
     holds each side's training-step FLOPs.
     """
@@ -160,6 +175,7 @@ def compare(reference: Program, candidate: Program, exact: bool, tolerance: floa
                           no_grad_params=new_dead, no_grad_params_reference=ref_dead)
     # A trainable parameter that gets no gradient never trains: for an exact pass that is a failure unless
     # the reference's parameter of that name got none either (a model's own unused parameter, listed).
+    tolerances = exact_tolerances(candidate.plan(ComputePrecision))
     dead = [name for name in new_dead if name not in ref_dead]
     if exact and dead:
         result.ok = False
@@ -173,7 +189,7 @@ def compare(reference: Program, candidate: Program, exact: bool, tolerance: floa
             result.ok = False
             result.failures.append(f"output {index} has shape {tuple(new.shape)}, reference {tuple(ref.shape)}")
             continue
-        max_abs, rel, close = _errors(new, ref)
+        max_abs, rel, close = _errors(new, ref, tolerances=tolerances)
         result.output_max_abs, result.output_max_rel = max(result.output_max_abs, max_abs), max(result.output_max_rel, rel)
         if exact and not close:
             result.ok = False
@@ -188,7 +204,7 @@ def compare(reference: Program, candidate: Program, exact: bool, tolerance: floa
         if new_grad is None or new_grad.shape != ref_grad.shape:
             result.grads_not_compared.append(name)
             continue
-        max_abs, rel, close = _errors(new_grad, ref_grad, floor)
+        max_abs, rel, close = _errors(new_grad, ref_grad, floor, tolerances)
         result.grads_compared += 1
         result.grad_max_abs = max(result.grad_max_abs, max_abs)
         if rel > result.grad_max_rel or result.grad_max_rel_param is None:

@@ -53,6 +53,7 @@ from effcompile.canonical import causal_mask_candidates, is_causal_value, set_ca
 from effcompile.errors import OptionError, PassError
 from effcompile.graph import finalize, set_submodule
 from effcompile.pass_manager import Pass, PassRecord, register
+from effcompile.plans import ComputePrecision
 from effcompile.program import Program
 
 from .float8 import float8_requirement, swap_float8_linears
@@ -187,6 +188,7 @@ class Amp(Pass):
         program.set_plan(AmpState(config.dtype, config.cast_params,
                                   config.float8_recipe if config.dtype == "float8" else None,
                                   tuple(float8.items())))
+        program.set_plan(ComputePrecision(low))
         op_counts = Counter(op_name(n) or str(n.target) for n in low_ops if n.op != "call_module")
         op_counts.update("module" for n in low_ops if n.op == "call_module")
         details: dict[str, Any] = {

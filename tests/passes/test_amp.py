@@ -335,6 +335,9 @@ def test_amp_state_is_a_typed_plan():
     state = result.program.plan(AmpState)
     assert state == AmpState("bfloat16", "per_step", None, ())
     assert result.program.clone().plan(AmpState) == state
+    # The precision later exact passes are verified at (issue #18 B1).
+    from effcompile.plans import ComputePrecision
+    assert result.program.plan(ComputePrecision) == ComputePrecision(torch.bfloat16)
 
 
 def test_float8_choice_rule():

@@ -72,3 +72,25 @@ def test_grad_error_is_relative_to_the_exact_checks_floor_and_names_its_tensor()
     assert result.ok, result.failures
     assert result.grad_max_rel < 1e-5
     assert result.grad_max_rel_param is not None
+
+
+def test_an_exact_pass_after_amp_is_judged_at_bf16_round_off():
+    """Issue #18 B1: after amp (ComputePrecision bf16) an exact pass may reorder bf16 reductions; a difference
+    of bf16 round-off (here 1e-3 relative in one weight) passes there and fails a float32 program."""
+    from effcompile.plans import ComputePrecision
+    from effcompile.verify import EXACT_RTOL, exact_tolerances
+
+    assert exact_tolerances(None) == exact_tolerances(ComputePrecision(torch.float32))
+    assert exact_tolerances(None)[0] == EXACT_RTOL
+    assert exact_tolerances(ComputePrecision(torch.bfloat16))[0] == 4 * torch.finfo(torch.bfloat16).eps
+    reference, candidate = _program(), _program()
+    state = reference.gm.state_dict()
+    state["b.weight"] = state["b.weight"] * (1 + 1e-3)
+    candidate.gm.load_state_dict(state)
+    assert not compare(reference, candidate, exact=True).ok
+    candidate.set_plan(ComputePrecision(torch.bfloat16))
+    assert compare(reference, candidate, exact=True).ok
+    # A real change (10%) still fails at bf16's tolerance.
+    state["b.weight"] = state["b.weight"] * 1.1
+    candidate.gm.load_state_dict(state)
+    assert not compare(reference, candidate, exact=True).ok
