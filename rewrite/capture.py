@@ -44,7 +44,15 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     """
     if path not in CAPTURE_PATHS:
         raise CaptureError(f"unknown capture path {path!r}; use one of {', '.join(CAPTURE_PATHS)}")
-    module = copy.deepcopy(spec.module)
+    try:
+        module = copy.deepcopy(spec.module)
+    except RuntimeError as error:  # e.g. a non-leaf tensor attribute (recurrent_gemma): deepcopy refuses it
+        computed = [f"{name}.{key}" if name else key for name, sub in spec.module.named_modules()
+                    for key, value in vars(sub).items() if isinstance(value, torch.Tensor) and not value.is_leaf]
+        what = (f"the tensor attribute {', '.join(computed[:3])} is computed from parameters (not a leaf), which "
+                "deepcopy refuses" if computed else _where(error))
+        raise CaptureError(f"cannot copy {spec.name} for capture: {what}; register it as a buffer or compute "
+                           "it in forward") from error
     module.train(spec.module.training)
     failures: list[str] = []
     if path in ("auto", "symbolic_trace") and not _is_hf_model(module):
@@ -67,8 +75,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
         gm = _export(module, spec, dynamic_batch)
     except Exception as error:
         detail = "; ".join(failures + [f"torch.export: {_where(error)}"])
-        raise CaptureError(f"cannot capture {spec.name}: {detail}; make that code traceable "
-                           "(no data-dependent Python control flow) or wrap it in a leaf module") from error
+        raise CaptureError(f"cannot capture {spec.name}: {detail}; {_capture_fix(spec.module)}") from error
     repoint_aliases(gm, module, spec.module)
     program = Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "export", spec.name,
                       {"fallback_reason": failures[0] if failures else None})
@@ -306,11 +313,37 @@ def _package_dirs() -> tuple[str, ...]:
     return tuple(sorted({str(f) + "/" for folder in folders for f in (folder, folder.resolve())}))
 
 
+# Libraries whose frames are the tracer's, not the model's: an error's location skips them.
+_TRACER_PACKAGES = ("torch/", "functorch/", "torchgen/", "sympy/", "_pytest/", "pluggy/")
+
+
 def _where(error: BaseException) -> str:
-    """One line: the exception and, where it came from user code, the file and line."""
+    """One line: the exception and where it came from — the innermost frame of the user's own files, else
+    of the library that holds the model (``transformers/models/blt/modeling_blt.py:123``), never effcompile's
+    or the tracer's (torch) frames."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if not f.filename.startswith("<") and "site-packages/" not in f.filename
-              and not f.filename.startswith(_package_dirs())]
-    location = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    own = _package_dirs()
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<")
+              and not f.filename.startswith(own) and not str(Path(f.filename).resolve()).startswith(own)]
+    user = [f for f in frames if "site-packages/" not in f.filename]
+    library = [f for f in frames if "site-packages/" in f.filename
+               and not f.filename.split("site-packages/", 1)[1].startswith(_TRACER_PACKAGES)]
+    location = ""
+    if user:
+        location = f" at {user[-1].filename}:{user[-1].lineno}"
+    elif library:
+        location = f" at {library[-1].filename.split('site-packages/', 1)[1]}:{library[-1].lineno}"
     return f"{type(error).__name__}: {message[:160]}{location}"
+
+
+def _capture_fix(module: torch.nn.Module) -> str:
+    """The fix a capture refusal names: turn off a config's layerdrop (a random Python branch per layer) when
+    it is on, else make the code traceable."""
+    config = getattr(module, "config", None)
+    drops = {name: getattr(config, name, None) for name in dir(config) if name.endswith("layerdrop")} if config is not None else {}
+    drops = {name: value for name, value in drops.items() if isinstance(value, (int, float)) and value > 0}
+    if drops:
+        settings = " ".join(f"--model-arg {name}=0" for name in sorted(drops))
+        return (f"the config's {', '.join(f'{n}={v}' for n, v in sorted(drops.items()))} skips layers by a random "
+                f"Python branch, which cannot be captured: set {settings}")
+    return "make that code traceable (no data-dependent Python control flow) or wrap it in a leaf module"

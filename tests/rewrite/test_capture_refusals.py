@@ -1,0 +1,61 @@
+"""Capture refusals name where and what to do (issue #18 B5, B6): a library model's own source line, a
+config's layerdrop, a tensor attribute that cannot be copied."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from effcompile.capture import capture
+from effcompile.errors import CaptureError
+from effcompile.spec import ModelSpec
+
+
+class _LayerDrop(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = types.SimpleNamespace(layerdrop=0.1, encoder_layerdrop=0.0)
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        if torch.rand([]) < self.config.layerdrop:  # a random Python branch, as 47 transformers models have
+            return x
+        return self.linear(x).sum()
+
+
+def test_layerdrop_refusal_says_to_turn_it_off():
+    with pytest.raises(CaptureError, match=r"layerdrop=0.1 .*set --model-arg layerdrop=0$"):
+        capture(ModelSpec(_LayerDrop(), (torch.randn(2, 4),), name="drop"), path="export")
+
+
+class _ComputedAttribute(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.state = self.linear.weight * 2  # not a leaf: deepcopy refuses it
+
+    def forward(self, x):
+        return self.linear(x).sum()
+
+
+def test_a_computed_tensor_attribute_is_named():
+    with pytest.raises(CaptureError, match=r"tensor attribute state is computed from parameters .* register it as a buffer"):
+        capture(ModelSpec(_ComputedAttribute(), (torch.randn(2, 4),), name="computed"))
+
+
+def test_a_library_models_error_names_its_own_source_line():
+    """Frames of effcompile and of the tracer (torch) are skipped; a model inside site-packages is named by
+    its path under site-packages."""
+    from effcompile.capture import _where  # noqa: PLC2701 - the function under test
+
+    site = "/venv/lib/python3.11/site-packages/"
+    namespace: dict = {}
+    exec(compile("def forward():\n    raise ValueError('data-dependent')\n",
+                 site + "transformers/models/toy/modeling_toy.py", "exec"), namespace)
+    # The tracer (a torch frame) calls the model and catches: the traceback holds only those two frames.
+    exec(compile("def trace(f):\n    try:\n        f()\n    except ValueError as e:\n        return e\n",
+                 site + "torch/export/_trace.py", "exec"), namespace)
+    error = namespace["trace"](namespace["forward"])
+    assert _where(error) == "ValueError: data-dependent at transformers/models/toy/modeling_toy.py:2"
