@@ -80,12 +80,14 @@ def summary(plan: RematPlan, segments: list[Candidate], before: Evaluation, afte
     text = (f"{len(segments)} segments ({kinds['fine']} fine, {kinds['range']} part-block, "
             f"{kinds['block'] + kinds['group']} whole); saved activations {before.retained_bytes / 2**20:.2f} → "
             f"{after.retained_bytes / 2**20:.2f} MiB ({after.retained_bytes / max(before.retained_bytes, 1):.2f}), "
-            f"peak {after.peak_bytes / 2**20:.2f} MiB; recompute +{100 * plan.recompute_flops / max(plan.forward_flops, 1):.1f}% "
-            f"forward FLOPs (est. +{100 * plan.recompute_cost_share:.1f}% forward time) [{plan.solver}]")
+            f"peak {after.peak_bytes / 2**20:.2f} MiB; recompute at most +{100 * plan.recompute_flops / max(plan.forward_flops, 1):.1f}% "
+            f"forward FLOPs (est. +{100 * plan.recompute_cost_share:.1f}% forward time; torch's checkpoint stops "
+            f"a segment's recompute early once backward has what it needs: the train-step FLOPs are measured) "
+            f"[{plan.solver}]")
     if plan.offloaded:
         text += (f"; offload {len(plan.offloaded)} tensors, {plan.offloaded_bytes / 2**20:.2f} MiB to host "
                  f"(est. {1000 * plan.predicted_exposed_copy_seconds:.2f} ms exposed at "
                  f"{plan.link_bytes_per_second / 1e9:.0f} GB/s)")
     if plan.chunked_loss_heads:
-        text += f"; loss head chunked ({', '.join(plan.chunked_loss_heads)})"
+        text += f"; loss head chunked ({', '.join(plan.chunked_loss_heads)}; recomputes its logits in backward)"
     return text

@@ -58,3 +58,29 @@ def test_remat_keeps_forward_flops_and_its_recomputation_shows_in_the_training_s
                  and any(".h." in str(path) for path, _ in (n.meta.get("nn_module_stack") or {}).values()))
     growth = stats["training_flops_after"] - stats["training_flops_before"]
     assert blocks > 0 and 0.5 * blocks < growth <= 1.01 * blocks
+
+
+def test_remat_plan_flops_are_the_recomputation_without_early_stop_and_bound_it_with():
+    """The plan's recompute FLOPs are what the step recomputes with torch's checkpoint early stop off, and an
+    upper bound of it with early stop on (the default; the summary says 'at most')."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    from effcompile.passes.remat import RematPlan
+
+    # head=keep: a chunked loss head also recomputes its logits in backward (said in the summary, not in the plan's FLOPs)
+    result = effcompile.compile(tiny_spec("gpt2", seq=16), passes=["remat"],
+                                options={"remat": {"policy": "blocks", "head": "keep"}})
+    program, plan = result.program, result.program.plan(RematPlan)
+    stats = result.report.record("remat").stats
+    assert "recompute at most" in result.report.record("remat").details["summary"]
+
+    def step_flops(early: bool) -> int:
+        program.gm.zero_grad()
+        with set_checkpoint_early_stop(early), FlopCounterMode(display=False) as counter:
+            program.objective(program.run()).backward()
+        return counter.get_total_flops()
+
+    base = stats["training_flops_before"]
+    assert plan.recompute_flops > 0
+    assert step_flops(False) - base == plan.recompute_flops
+    assert step_flops(True) - base <= plan.recompute_flops
