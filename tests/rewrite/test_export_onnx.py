@@ -540,3 +540,10 @@ def test_t5_attention_output_view_exports(tmp_path):
     outputs = session.run(None, feeds)
     np.testing.assert_allclose(outputs[0], expected.loss.numpy(), rtol=1e-5)
     np.testing.assert_allclose(outputs[1], expected.logits.numpy(), rtol=1e-4, atol=1e-5)
+    # Training: T5's position bias [1, H, Sq, Sk] is selected by Where against a [B, 1, Sq, Sk] mask, and ORT's
+    # Where gradient does not reduce broadcast dimensions (a Squeeze of the full gradient failed in TrainStep):
+    # the legalisation expands such inputs, and 3 AdamW steps follow PyTorch's.
+    export_training_artifacts(program, tmp_path / "train", **OPTIMIZER)
+    trainer = OrtTrainer(tmp_path / "train")
+    feeds = program.flat_inputs()
+    _assert_same_curve([trainer.step(feeds) for _ in range(3)], _torch_losses(program, 3))

@@ -18,6 +18,8 @@ inference models; ``low precision``: only with ``low_precision_in_float32``):
 12. ``gradient_outputs_named`` (training): ``LayerNormalization``'s Mean/InvStdDev, ``Dropout``'s mask.
 13. ``neg_inf_constants``: ``-inf`` constants → a large finite negative (``finite_masks``).
 14. ``nan_guards_dropped`` (speed): attention's NaN guard, once no ``-inf`` is left.
+14'. ``where_inputs_expanded`` (training): a ``Where`` value input that broadcasts is ``Expand``ed first (ORT's
+    ``Where`` gradient does not reduce broadcast dimensions; T5's position bias).
 15. ``low_precision_ops_in_float32`` then ``redundant_casts_dropped`` again (low precision).
 16. ``ir_version_lowered``: IR version ≤ 10 (``ir_version``).
 
@@ -46,12 +48,13 @@ from .sequences_to_split import SequencesToSplit
 from .sums_as_adds import SumsAsAdds
 from .tanh_gelu import TanhGeluAsSigmoid
 from .vector_axes import VectorAxes
+from .where_broadcast import WhereBroadcastInputs
 
-#: Steps 1-14 of the module docstring, in order; ``legalize_for_training`` keeps those that apply.
+#: Steps 1-14' of the module docstring, in order; ``legalize_for_training`` keeps those that apply.
 TRAINING_REWRITES: tuple[type[Rewrite], ...] = (
     LowerOpset, InferTypes, SequencesToSplit, CastLikeToCast, VectorAxes, RedundantCasts, DecomposeLayerNorm,
     GatherRowsAsElements, LayerNormBias, TanhGeluAsSigmoid, SplitCrossEntropy, NameGradientOutputs, FiniteMasks,
-    DropNanGuards)
+    DropNanGuards, WhereBroadcastInputs)
 
 
 def legalization(inference: bool = False, low_precision_in_float32: bool = False,
@@ -81,4 +84,4 @@ __all__ = ["MAX_IR_VERSION", "MAX_OPSET", "TRAINING_REWRITES", "CastLikeToCast",
            "DropNanGuards", "FiniteMasks", "GatherRowsAsElements", "InferTypes", "LayerNormBias", "LowPrecisionInFloat32",
            "LowerIrVersion", "LowerOpset", "NameGradientOutputs", "RedundantCasts", "Rewrite", "RewriteResult",
            "SequencesToSplit", "Sequential", "SplitCrossEntropy", "SumsAsAdds", "TanhGeluAsSigmoid", "VectorAxes",
-           "legalization", "legalize_for_training"]
+           "WhereBroadcastInputs", "legalization", "legalize_for_training"]
