@@ -20,6 +20,7 @@ import torch.fx
 
 from .canonical import causal_sdpa, loss_boundary, uncast_outputs
 from .errors import CaptureError
+from .graph import get_attr_value, parent_module
 from .program import Program
 from .spec import ModelSpec
 
@@ -88,6 +89,9 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     return program
 
 
+_ABSENT = object()
+
+
 def _tensor_key(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
@@ -112,7 +116,7 @@ def repoint_aliases(gm: torch.fx.GraphModule, copy_: torch.nn.Module, original: 
         if node.op != "get_attr":
             continue
         try:
-            value = _attr(gm, node.target)
+            value = get_attr_value(gm, node.target)
         except AttributeError:
             continue
         if not isinstance(value, torch.Tensor) or id(value) in own or value.device.type == "meta":
@@ -126,11 +130,16 @@ def repoint_aliases(gm: torch.fx.GraphModule, copy_: torch.nn.Module, original: 
             continue
         name, kind = hit
         target = copy_.get_parameter(name) if kind == "parameter" else copy_.get_buffer(name)
-        if not _has_attr(gm, name):
-            _set_attr(gm, name, target, kind)
+        if get_attr_value(gm, name, _ABSENT) is _ABSENT:
+            owner, leaf = parent_module(gm, name, create=True)
+            if kind == "parameter":
+                owner.register_parameter(leaf, target)
+            else:
+                owner.register_buffer(leaf, target)
         stale, node.target = node.target, name
         if not any(n.op == "get_attr" and n.target == stale for n in gm.graph.nodes):
-            _del_attr(gm, stale)
+            owner, leaf = parent_module(gm, stale)
+            delattr(owner, leaf)
         repointed += 1
     if repointed:
         gm.graph.lint()
@@ -152,40 +161,6 @@ def _closure_trainables(original: torch.nn.Module) -> set[int]:
                 if isinstance(content, torch.Tensor) and content.requires_grad:
                     found.add(content.untyped_storage().data_ptr())
     return found
-
-
-def _attr(root: torch.nn.Module, target: str) -> Any:
-    value: Any = root
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
-
-
-def _has_attr(root: torch.nn.Module, target: str) -> bool:
-    try:
-        _attr(root, target)
-    except AttributeError:
-        return False
-    return True
-
-
-def _del_attr(root: torch.nn.Module, target: str) -> None:
-    *path, leaf = target.split(".")
-    owner = _attr(root, ".".join(path)) if path else root
-    delattr(owner, leaf)
-
-
-def _set_attr(root: torch.nn.Module, target: str, tensor: torch.Tensor, kind: str) -> None:
-    *path, leaf = target.split(".")
-    owner = root
-    for atom in path:
-        if not hasattr(owner, atom):
-            owner.add_module(atom, torch.nn.Module())
-        owner = getattr(owner, atom)
-    if kind == "parameter":
-        owner.register_parameter(leaf, tensor)
-    else:
-        owner.register_buffer(leaf, tensor)
 
 
 def _is_hf_model(module: torch.nn.Module) -> bool:

@@ -78,14 +78,21 @@ def get_attr_value(gm: torch.nn.Module, target: str, default: Any = _MISSING) ->
     return value
 
 
-def set_submodule(gm: torch.nn.Module, target: str, module: torch.nn.Module) -> None:
-    """Install ``module`` at the dotted path ``target``, creating empty parent modules on the way."""
+def parent_module(gm: torch.nn.Module, target: str, create: bool = False) -> tuple[torch.nn.Module, str]:
+    """The module holding the last part of the dotted path ``target``, and that part's name. Missing parents
+    are added as empty modules when ``create``; otherwise a missing one raises AttributeError."""
     parent: torch.nn.Module = gm
     *parents, leaf = target.split(".")
     for part in parents:
-        if not hasattr(parent, part):
+        if create and not hasattr(parent, part):
             parent.add_module(part, torch.nn.Module())
         parent = getattr(parent, part)
+    return parent, leaf
+
+
+def set_submodule(gm: torch.nn.Module, target: str, module: torch.nn.Module) -> None:
+    """Install ``module`` at the dotted path ``target``, creating empty parent modules on the way."""
+    parent, leaf = parent_module(gm, target, create=True)
     parent.add_module(leaf, module)
 
 

@@ -143,7 +143,8 @@ def _run(program: Program, module: torch.nn.Module, dropout_off: bool) -> tuple[
 
 def _errors(candidate: torch.Tensor, reference: torch.Tensor, floor: float = 1e-6,
             tolerances: tuple[float, float] = (EXACT_RTOL, EXACT_ATOL_FRACTION)) -> tuple[float, float, bool]:
-    """(max abs error, relative to max(the reference's max abs, ``floor``), close to float32 round-off).
+    """(max abs error, relative to max(the reference's max abs, ``floor``), close within ``tolerances``:
+    (rtol, atol as a fraction of that scale), float32 round-off by default).
     ``floor``: the smallest scale the absolute tolerance is taken from (see ``compare``); the relative error
     uses the same, so a gradient that is zero in exact arithmetic does not report round-off as a huge error."""
     difference = (candidate - reference).abs()
@@ -173,9 +174,9 @@ def compare(reference: Program, candidate: Program, exact: bool, tolerance: floa
                           dropout_off=not exact, dropout_calls=max(calls, new_calls),
                           training_flops_reference=ref_flops, training_flops_candidate=new_flops,
                           no_grad_params=new_dead, no_grad_params_reference=ref_dead)
+    tolerances = exact_tolerances(candidate.plan(ComputePrecision))
     # A trainable parameter that gets no gradient never trains: for an exact pass that is a failure unless
     # the reference's parameter of that name got none either (a model's own unused parameter, listed).
-    tolerances = exact_tolerances(candidate.plan(ComputePrecision))
     dead = [name for name in new_dead if name not in ref_dead]
     if exact and dead:
         result.ok = False

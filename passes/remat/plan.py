@@ -35,7 +35,7 @@ from effcompile.analysis import (
     node_time_cost,
     segment_overhead_cost,
 )
-from effcompile.graph import block_index, module_path
+from effcompile.graph import block_index, get_attr_value, module_path
 from effcompile.patterns import MATMUL_FUNCTIONS, find_attention, find_linears
 
 from .segment import segment_members
@@ -109,7 +109,7 @@ def compute_nodes(gm: torch.fx.GraphModule, analysis: Analysis) -> set[torch.fx.
     grad: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _attr(gm, str(node.target))
+            value = get_attr_value(gm, str(node.target), None)
             if isinstance(value, torch.Tensor) and value.requires_grad:
                 grad.add(node)
         elif node.op == "placeholder":
@@ -121,13 +121,6 @@ def compute_nodes(gm: torch.fx.GraphModule, analysis: Analysis) -> set[torch.fx.
             if cost is not None and cost.output_bytes > 0:
                 grad.add(node)
     return {n for n in grad if n.op not in ("get_attr", "placeholder")}
-
-
-def _attr(gm: torch.fx.GraphModule, target: str) -> object:
-    value: object = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 def _is_weight_module(module: torch.nn.Module) -> bool:

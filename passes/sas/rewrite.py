@@ -25,7 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from effcompile.export.registry import serializable
-from effcompile.graph import reads_only_shape, set_submodule
+from effcompile.graph import get_attr_value, reads_only_shape, set_submodule
 from effcompile.patterns import ASSERTION_OPS, AttentionSite, LinearSite, is_softmax
 
 aten = torch.ops.aten
@@ -406,18 +406,12 @@ def reshape_downstream_views(graph: torch.fx.Graph, node: torch.fx.Node) -> int:
     return rewritten
 
 
+_ABSENT = object()
+
+
 def _unique_target(gm: torch.fx.GraphModule, path: str) -> str:
     base = f"{path}.sas" if path else "sas"
     target, index = base, 1
-    while _has_attr(gm, target):
+    while get_attr_value(gm, target, _ABSENT) is not _ABSENT:
         target, index = f"{base}_{index}", index + 1
     return target
-
-
-def _has_attr(gm: torch.nn.Module, target: str) -> bool:
-    value: Any = gm
-    for part in target.split("."):
-        if not hasattr(value, part):
-            return False
-        value = getattr(value, part)
-    return True
