@@ -1,6 +1,6 @@
 """``sas``: structured attention sparsification — token-exact sparse patterns computed tile by tile.
 
-1. Match every attention (``rewrite/patterns.py``: SDPA, the explicit matmul-softmax-matmul form including
+1. Match every attention (``rewrite/patterns/attention.py``: SDPA, the explicit matmul-softmax-matmul form including
    the ``bmm`` form with heads folded into the batch, ``nn.MultiheadAttention`` calls); the record lists each
    candidate that did not match and why.
 2. Plan each (``rewrite.plan_site``: scale, masks, dropout, causality, GQA) and observe it once on the example
