@@ -81,9 +81,8 @@ def summary(plan: RematPlan, segments: list[Candidate], before: Evaluation, afte
             f"{kinds['block'] + kinds['group']} whole); saved activations {before.retained_bytes / 2**20:.2f} → "
             f"{after.retained_bytes / 2**20:.2f} MiB ({after.retained_bytes / max(before.retained_bytes, 1):.2f}), "
             f"peak {after.peak_bytes / 2**20:.2f} MiB; recompute at most +{100 * plan.recompute_flops / max(plan.forward_flops, 1):.1f}% "
-            f"forward FLOPs (est. +{100 * plan.recompute_cost_share:.1f}% forward time; torch's checkpoint stops "
-            f"a segment's recompute early once backward has what it needs: the train-step FLOPs are measured) "
-            f"[{plan.solver}]")
+            f"forward FLOPs (est. +{100 * plan.recompute_cost_share:.1f}% forward time; checkpointing stops early, "
+            f"the train-step FLOPs are measured) [{plan.solver}]")
     if plan.offloaded:
         text += (f"; offload {len(plan.offloaded)} tensors, {plan.offloaded_bytes / 2**20:.2f} MiB to host "
                  f"(est. {1000 * plan.predicted_exposed_copy_seconds:.2f} ms exposed at "
