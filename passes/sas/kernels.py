@@ -114,7 +114,7 @@ def gather_plan(mask: TokenMask, classes: TileClasses, heads: int, query_len: in
         indices = order[rows, :width]
         valid = torch.arange(width) < counts[rows, None]
         padded_keys = valid & (indices == key_blocks - 1) & (key_len % bs != 0)
-        all_full = bool(flat_full.gather(1, indices)[valid].all()) and not bool(padded_keys.any()) and \
+        all_full = bool(flat_full[rows].gather(1, indices)[valid].all()) and not bool(padded_keys.any()) and \
             bool(valid.all())
         allowed = None
         if not all_full:

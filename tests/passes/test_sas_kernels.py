@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from effcompile.passes.sas.flash import FlashPlan, flash_groups_attention, flash_plan
@@ -133,6 +133,9 @@ def _random_mask(kind, heads, blocks, block_size, causal, seed):
        block_size=st.sampled_from([2, 4, 8]), causal=st.booleans(),
        kind=st.sampled_from(["local", "block", "strided", "global", "mixed", "importance"]),
        mask_kind=st.sampled_from(["none", "bool", "additive"]), seed=st.integers(0, 1000))
+# Heads of different patterns: a dense head's full tiles once made the diagonal head's partial tiles pass as
+# full (gather_plan read the first rows' full flags, not the group's), so its mask was dropped.
+@example(batch=1, kv_heads=1, group=2, length=4, block_size=2, causal=False, kind="mixed", mask_kind="none", seed=1)
 def test_kernels_equal_token_masked_reference(batch, kv_heads, group, length, block_size, causal, kind, mask_kind, seed):
     """gather, flex (forward: no CPU backward), and flash where it applies equal SDPA with the token-level mask,
     forward and gradients: random shapes, GQA, partial tiles, windows smaller than a tile, ragged lengths,
