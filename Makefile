@@ -19,8 +19,12 @@ demo: $(STAMP)
 	$(BIN)/effcompile examples/gpt.py --passes lora,sas,amp,remat --set lora.targets=qkv,proj \
 		--set sas.block_size=16 --set sas.window=32 --set remat.budget=0.7 --out build/demo --force
 
+# Two workers (pytest-xdist) fill CI's two cores: the suite is mostly single-threaded Python. A module's
+# tests stay on one worker, so its fixtures are built once. JOBS=1 runs it in one process.
+JOBS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadscope) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check rewrite passes tests tools examples
