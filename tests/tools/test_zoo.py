@@ -197,3 +197,19 @@ def test_runner_resumes_shards_and_tables(tmp_path):
     table = conformance_markdown(rows)
     assert "| `sas` | 0 | 0 | 1 | 0 | 0 | 1/1 (100%) |" in table and "python -m tools.zoo run" in table
     assert "| `hf:vit` | ViT | not built |" in table
+
+
+def test_modality_summary_counts_what_transformers_itself_cannot_build_apart():
+    """The identity rate is given of all architectures, of those transformers builds from its own default
+    config, and of those the zoo built tiny; an architecture whose default config transformers cannot build
+    counts in the first rate only."""
+    from tools.zoo.table import summary_markdown
+
+    builds = {"hf:a": {"modality": "text"}, "hf:b": {"modality": "text"},
+              "hf:c": {"modality": "text", "error": "BuildError: tiny: ValueError: shapes"},
+              "hf:d": {"modality": "text", "error": "BuildError: transformers cannot build D from its own default "
+                                                   "config (KeyError: 'x'); tiny: SpecError: ..."}}
+    checks = {("hf:a", "identity"): {"outcome": "verified", "message": ""},
+              ("hf:b", "identity"): {"outcome": "refused", "message": "cannot capture"}}
+    row = next(line for line in summary_markdown(builds, checks).splitlines() if line.startswith("| text"))
+    assert row == "| text | 4 | 3 | 2 | 1 | 25% / 33% / 50% |"
