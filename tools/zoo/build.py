@@ -15,6 +15,9 @@ from .shrink import LEVELS, shrink_overrides
 
 BATCH, SEQ = 2, 32
 MAX_PARAMETERS = 30_000_000  # a level that leaves more is too big for a CPU zoo run
+# How a BuildError opens when transformers itself fails on the architecture's own default config (making the
+# config, or building the model from it): the table counts such an architecture apart.
+DEFAULT_BREAKS = "transformers cannot build"
 
 
 @dataclass
@@ -67,7 +70,8 @@ def build(arch: Arch, batch: int = BATCH, seq: int = SEQ) -> Built:
     try:
         defaults = CONFIG_MAPPING[arch.model_type]()
     except Exception as error:
-        raise BuildError(f"default config: {_line(error)}") from None
+        raise BuildError(f"{DEFAULT_BREAKS} {arch.class_name} from its own default config "
+                         f"(making the config: {_line(error)})") from None
     seen: list[dict[str, Any]] = []
     for level in LEVELS:
         overrides = shrink_overrides(defaults, level)
@@ -87,7 +91,7 @@ def build(arch: Arch, batch: int = BATCH, seq: int = SEQ) -> Built:
             continue
         return Built(spec, level, overrides, tries, parameters)
     broken = _default_breaks(arch)
-    prefix = f"transformers cannot build {arch.class_name} from its own default config ({broken}); " if broken else ""
+    prefix = f"{DEFAULT_BREAKS} {arch.class_name} from its own default config ({broken}); " if broken else ""
     raise BuildError(prefix + "; ".join(f"{level}: {message}" for level, message in tries.items()))
 
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .build import DEFAULT_BREAKS
 from .checks import CHECKS, OPTIONS, OUTCOMES
 from .runner import latest, load_results
 
@@ -58,7 +59,7 @@ def summary_markdown(builds: dict[str, dict], checks: dict[tuple[str, str], dict
 def default_config_broken(build: dict) -> bool:
     """Whether ``transformers`` itself fails to build the architecture from its unmodified default config
     (the zoo's build error says so): such an architecture is outside "what transformers can build"."""
-    return "transformers cannot build " in build.get("error", "")
+    return DEFAULT_BREAKS in build.get("error", "")
 
 
 def _percent(part: list, whole: list) -> str:
