@@ -11,6 +11,7 @@ import importlib.util
 import io
 import logging
 import pkgutil
+import sysconfig
 import traceback
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,11 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     and return outputs a no-op upcast had aliased (``logits.float()``) unconverted (exact; see
     ``effcompile.canonical``), and mark the loss boundary after the logits for ``torch.compile`` (a
     no-op marker); the counts are ``program.meta["causal_sdpa"]`` / ``["uncast_outputs"]`` /
-    ``["loss_boundary"]``. Raises
-    CaptureError naming the op or source line neither path could follow.
+    ``["loss_boundary"]``. Python branches on a tensor's value (``if mask.any():``), which export cannot
+    follow symbolically, are taken as the example takes them, each held by a runtime assertion in the
+    graph (other inputs raise, never compute the wrong branch); they are listed in
+    ``program.meta["data_branches"]``. Raises CaptureError naming the op or source line neither path could
+    follow.
     """
     if path not in CAPTURE_PATHS:
         raise CaptureError(f"unknown capture path {path!r}; use one of {', '.join(CAPTURE_PATHS)}")
@@ -79,7 +83,8 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
         raise CaptureError(f"cannot capture {spec.name}: {detail}; {_capture_fix(spec.module)}") from error
     repoint_aliases(gm, module, spec.module)
     program = Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "export", spec.name,
-                      {"fallback_reason": failures[0] if failures else None})
+                      {"fallback_reason": failures[0] if failures else None,
+                       "data_branches": list(gm.meta.get("data_branches", ()))})
     if canonical:
         program.meta["causal_sdpa"] = causal_sdpa(program)
         program.meta["uncast_outputs"] = uncast_outputs(program.gm)
@@ -182,16 +187,120 @@ def _symbolic_trace(module: torch.nn.Module, spec: ModelSpec) -> torch.fx.GraphM
 
 def _export(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool = True) -> torch.fx.GraphModule:
     # torch.export writes graph dumps straight to stderr when it gives up; the error we raise says it all.
-    quiet = contextlib.nullcontext() if log.isEnabledFor(logging.DEBUG) else contextlib.redirect_stderr(io.StringIO())
-    with quiet:
+    if log.isEnabledFor(logging.DEBUG):
         return _export_loud(module, spec, dynamic_batch)
+    # Its shape environment also warns on its own stderr handler ("Unable to find user code ...").
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    handlers, propagate = shapes_log.handlers[:], shapes_log.propagate
+    shapes_log.handlers, shapes_log.propagate = [], False
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return _export_loud(module, spec, dynamic_batch)
+    finally:
+        shapes_log.handlers, shapes_log.propagate = handlers, propagate
 
 
 def _export_loud(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
+    try:
+        return _export_once(module, spec, dynamic_batch)
+    except Exception as error:
+        if not _is_data_dependent(error):
+            raise
+        log.info("export hit a data-dependent branch (%s); exporting specialised on the example's data", error)
+        try:
+            return _export_specialised(module, spec, dynamic_batch)
+        except Exception as second:
+            log.info("the specialised export failed too: %s", second)
+            raise error from None  # the first error names the model's own branch
+
+
+def _is_data_dependent(error: BaseException) -> bool:
+    """Whether export stopped at Python control flow on a tensor's value (``if mask.any():``)."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, GuardOnDataDependentSymNode):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+DATA_BRANCH_CHECK = "effcompile: this input takes a different branch on a tensor's value"
+
+
+def data_branch_checks(gm: torch.fx.GraphModule) -> list[str]:
+    """The messages of the runtime assertions that hold a graph captured specialised on its example's data
+    (see ``_export_specialised``) to the branches that example took, in ``gm`` and its nested graphs."""
+    return [node.args[1] for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
+            for node in module.graph.nodes if node.op == "call_function"
+            and node.target is torch.ops.aten._assert_scalar.default and len(node.args) > 1
+            and isinstance(node.args[1], str) and node.args[1].startswith(DATA_BRANCH_CHECK)]
+
+
+class _BranchLog(logging.Handler):
+    """Collects the branches torch's shape environment decides from real example values (its
+    ``propagate_real_tensors`` records), each with the model's own source line that took it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.branches: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("propagate_real_tensors"):
+            return
+        where = _model_frame(traceback.extract_stack()[:-1], innermost=True) or " in the model"
+        args = record.args if isinstance(record.args, tuple) else ()
+        what = f"{args[0]} is {args[1]}" if len(args) == 2 else record.getMessage()
+        entry = f"{where.strip()} ({what})"
+        if entry not in self.branches:
+            self.branches.append(entry)
+
+
+def _export_specialised(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
+    """Export a model whose Python branches read tensor values (``if mask.any():``): torch propagates the
+    example's real values through the trace, takes each such branch as the example does, and inserts a
+    runtime assertion (``aten._assert_scalar``) that the branch goes the same way. The graph is exact for
+    inputs that take the example's branches and raises for any other input; it never computes the wrong
+    branch. The branches taken are ``gm.meta["data_branches"]``."""
+    import torch._functorch.config as functorch_config
+
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    branches = _BranchLog()
+    # torch logs each decision as a warning on its own stderr handler: we collect and report them ourselves.
+    saved = shapes_log.handlers[:], shapes_log.propagate, shapes_log.level, logging.root.manager.disable
+    shapes_log.handlers, shapes_log.propagate = [branches], False
+    # The CLI quiets torch's loggers and the zoo disables warnings: these records must still be made.
+    shapes_log.setLevel(logging.WARNING)
+    logging.disable(logging.NOTSET)
+    try:
+        with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
+            gm = _export_once(module, spec, dynamic_batch)
+    finally:
+        shapes_log.handlers, shapes_log.propagate = saved[0], saved[1]
+        shapes_log.setLevel(saved[2])
+        logging.disable(saved[3])
+    asserts = [n for n in gm.graph.nodes if n.op == "call_function"
+               and n.target is torch.ops.aten._assert_scalar.default]
+    if not branches.branches or not asserts:  # nothing to hold the graph to its example's branches
+        raise CaptureError("export specialised on data without a runtime check")
+    gm.meta["data_branches"] = branches.branches
+    message = (f"{DATA_BRANCH_CHECK} than the example {spec.name} was captured with "
+               f"({'; '.join(branches.branches)[:400]}); capture it with an example like this input")
+    for node in asserts:
+        node.args = (node.args[0], message)
+    gm.recompile()
+    return gm
+
+
+def _export_once(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
     exported = None
     if dynamic_batch:
         try:
-            args, kwargs = _batch_of_two(spec)
+            # Copies: a failed dynamic export leaves its inputs marked dynamic, and the static retry would fail.
+            args, kwargs = _fresh_tensors(_batch_of_two(spec))
             exported = torch.export.export(module, args, kwargs, strict=False,
                                            dynamic_shapes=_batch_dynamic_shapes(spec))
         except Exception as error:  # some models pin the batch size: capture them static
@@ -205,6 +314,13 @@ def _export_loud(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) 
     gm.meta["dynamic_batch"] = any(str(c) for c in exported.range_constraints)
     gm.train(module.training)
     return gm
+
+
+def _fresh_tensors(inputs: Any) -> Any:
+    """``inputs`` with each tensor replaced by a copy (same values)."""
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
 
 
 def _batch_of_two(spec: ModelSpec) -> tuple[tuple, dict[str, Any]]:
@@ -297,18 +413,27 @@ def _where(error: BaseException) -> str:
     of the library that holds the model (``transformers/models/blt/modeling_blt.py:123``), never effcompile's
     or the tracer's (torch) frames."""
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    own = _package_dirs()
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<")
+    return f"{type(error).__name__}: {message[:160]}{_model_frame(traceback.extract_tb(error.__traceback__))}"
+
+
+def _model_frame(frames: traceback.StackSummary | list[traceback.FrameSummary], innermost: bool = False) -> str:
+    """`` at FILE:LINE`` of the innermost frame of the user's own files, else of the library that holds the
+    model (``innermost``: of either, whichever is deeper); "" when every frame is effcompile's, the standard
+    library's or the tracer's."""
+    own = _package_dirs() + (sysconfig.get_paths()["stdlib"] + "/",)
+    frames = [f for f in frames if not f.filename.startswith("<")
               and not f.filename.startswith(own) and not str(Path(f.filename).resolve()).startswith(own)]
     user = [f for f in frames if "site-packages/" not in f.filename]
     library = [f for f in frames if "site-packages/" in f.filename
                and not f.filename.split("site-packages/", 1)[1].startswith(_TRACER_PACKAGES)]
-    location = ""
+    if innermost and user and library:
+        deepest = max(user[-1], library[-1], key=lambda f: frames.index(f))
+        user, library = ([deepest], []) if deepest is user[-1] else ([], [deepest])
     if user:
-        location = f" at {user[-1].filename}:{user[-1].lineno}"
-    elif library:
-        location = f" at {library[-1].filename.split('site-packages/', 1)[1]}:{library[-1].lineno}"
-    return f"{type(error).__name__}: {message[:160]}{location}"
+        return f" at {user[-1].filename}:{user[-1].lineno}"
+    if library:
+        return f" at {library[-1].filename.split('site-packages/', 1)[1]}:{library[-1].lineno}"
+    return ""
 
 
 def _capture_fix(module: torch.nn.Module) -> str:

@@ -75,6 +75,10 @@ def render(report: Report, console: Any) -> None:
                   f"{human_count(model.get('flops'))} FLOPs forward, {human_count(model.get('training_flops'))} "
                   "per training step (forward + backward; matmuls, convolutions and attention as "
                   "torch.utils.flop_counter counts them)")
+    if model.get("data_branches"):
+        console.print(f"[yellow]specialised on the example's data[/yellow] at {len(model['data_branches'])} "
+                      f"branch(es): {'; '.join(model['data_branches'])}. Inputs that branch otherwise raise "
+                      "(never a wrong result): capture with an example like them.")
     table = Table(title="passes")
     for column in ("pass", "changed", "what", "trainable", "saved for bwd", "fwd FLOPs", "train step FLOPs",
                    "verify out/grad err", "s"):

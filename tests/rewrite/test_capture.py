@@ -62,19 +62,54 @@ def test_exported_graph_takes_other_batch_sizes():
     assert output.logits.shape[0] == 3
 
 
-class DataDependent(torch.nn.Module):
+class LeavesTorch(torch.nn.Module):
     def forward(self, x):
-        if x.sum() > 0:  # data-dependent Python branch: neither path can follow it
-            return x * 2
-        return x - 1
+        return x * float(x.detach().numpy().max())  # a NumPy round trip: neither path can follow it
 
 
 def test_uncapturable_model_names_the_line():
-    spec = ModelSpec(DataDependent(), (torch.randn(2, 3),))
+    spec = ModelSpec(LeavesTorch(), (torch.randn(2, 3),))
     with pytest.raises(CaptureError) as error:
         capture(spec)
     message = str(error.value)
     assert "test_capture.py" in message and "symbolic_trace" in message and "torch.export" in message
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        mask = x.lt(0)
+        if not mask.any():  # a Python branch on a tensor's value (FSMT's padding mask, LED's global attention)
+            mask = None
+        y = self.linear(x)
+        return y if mask is None else y.masked_fill(mask, 0.0)
+
+
+def test_data_dependent_branch_is_captured_as_the_example_takes_it_and_checked_at_run_time(tmp_path):
+    positive = torch.rand(2, 3) + 0.1
+    model = DataDependent()
+    program = capture(ModelSpec(model, (positive,)))
+    [branch] = program.meta["data_branches"]
+    assert "test_capture.py" in branch
+    # Exact on inputs that branch as the example did, with gradients.
+    other = torch.rand(4, 3) + 0.1
+    torch.testing.assert_close(program.gm(other), model(other))
+    # Any input that branches otherwise raises, naming the line; never the example's branch computed silently.
+    negative = positive.clone()
+    negative[0, 0] = -1.0
+    with pytest.raises(RuntimeError, match="different branch on a tensor's value.*test_capture.py"):
+        program.gm(negative)
+    # The same holds for the compiled result, after a save and a load (the check is part of the saved graph).
+    result = effcompile.compile(model, (positive,), passes=["identity"])
+    assert result.report.records[0].verify.ok
+    effcompile.save(result, str(tmp_path / "out"))
+    loaded = effcompile.load(str(tmp_path / "out"))
+    torch.testing.assert_close(loaded(other), model(other))
+    with pytest.raises(RuntimeError, match="different branch on a tensor's value"):
+        loaded(negative)
 
 
 # Architectures beyond the three the passes are tested on: decoder variants, an encoder, seq2seq,
@@ -196,3 +231,14 @@ def test_loss_boundary_splits_compiled_graph_at_the_logits():
     torch._dynamo.reset()
     assert len(graphs) == 2  # body, then the loss head
     assert zero_tangents and not any(zero_tangents)
+
+
+def test_data_dependent_capture_does_not_depend_on_logging_being_on():
+    import logging
+
+    logging.disable(logging.WARNING)  # as the zoo and quiet applications run
+    try:
+        program = capture(ModelSpec(DataDependent(), (torch.rand(2, 3) + 0.1,)))
+    finally:
+        logging.disable(logging.NOTSET)
+    assert len(program.meta["data_branches"]) == 1

@@ -547,3 +547,27 @@ def test_t5_attention_output_view_exports(tmp_path):
     trainer = OrtTrainer(tmp_path / "train")
     feeds = program.flat_inputs()
     _assert_same_curve([trainer.step(feeds) for _ in range(3)], _torch_losses(program, 3))
+
+
+class _PadBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pad = ids.eq(1)
+        if not pad.any():  # FSMT's padding mask: a Python branch on the ids' values
+            pad = None
+        hidden = self.embed(ids)
+        return self.head(hidden if pad is None else hidden.masked_fill(pad[..., None], 0.0))
+
+
+def test_graph_captured_on_its_examples_data_is_not_exported_to_onnx(tmp_path):
+    # ONNX has no runtime check: the exported model would take the example's branch for padded ids too.
+    spec = effcompile.ModelSpec(_PadBranch(), (torch.randint(2, 10, (2, 6)),), {},
+                                lambda out, ids: out.square().mean(), "pad")
+    program = _compile(spec)
+    with pytest.raises(ExportError, match=r"specialised on its example's data \(at .*test_export_onnx.py"):
+        export_training_artifacts(program, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

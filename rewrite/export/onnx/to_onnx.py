@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
+from ...capture import data_branch_checks
 from ...errors import ExportError
 from ...graph import get_attr_value, module_path, op_name
 from ...program import Program, loss_field
@@ -158,9 +159,23 @@ def _refuse_complex(program: Program) -> None:
                               "products) before exporting")
 
 
+def _refuse_data_branches(program: Program) -> None:
+    """Raise ExportError when the graph was captured specialised on its example's data: its runtime assertions
+    (``aten._assert_scalar``) are what refuse inputs that branch otherwise, and ONNX has no such check, so the
+    exported model would silently compute the example's branch for every input."""
+    checks = data_branch_checks(program.gm)
+    if checks:
+        where = "; ".join(program.meta.get("data_branches") or ()) or checks[0]
+        raise ExportError(f"onnx export: {program.name} was captured specialised on its example's data ({where}) "
+                          "and ONNX has no runtime check to refuse inputs that branch otherwise, so the exported "
+                          "model could compute the wrong branch; make that branch tensor-only (torch.where) or "
+                          "train the PyTorch module instead (the output folder's module/)")
+
+
 def export_program(program: Program, mode: str, opset: int = EXPORT_OPSET) -> tuple[onnx.ModelProto, ExportInfo, dict[str, str]]:
     """Export the wrapped program; returns the ONNX model, its ExportInfo and initializer→module names."""
     _refuse_complex(program)
+    _refuse_data_branches(program)
     wrapper = _Wrapper(program, mode)
     wrapper.train(program.gm.training)
     flat = tuple(program.flat_inputs())
