@@ -9,7 +9,8 @@
    ``input_values`` audio.
 2. Labels follow the task: LM tasks (causal, masked, seq2seq, speech-to-text) get ``[batch, seq]`` token
    ids (``labels = input_ids`` for text decoders and encoders; an encoder-decoder shifts them into its
-   decoder); classification tasks get one class id per example.
+   decoder); classification tasks get one class id per example. A text encoder-decoder also gets an
+   all-ones ``attention_mask``, as a tokenizer gives it.
 3. Audio layouts differ between models (``[batch, mel, frames]`` for Whisper, ``[batch, frames, mel]``
    for Speech2Text, raw ``[batch, samples]`` for wav2vec2; Whisper also wants exactly
    ``2 · max_source_positions`` frames). The candidates are built from the config's own fields (feature
@@ -71,7 +72,21 @@ def build_example_inputs(model: torch.nn.Module, config: Any, task: str, batch: 
     ids = _token_ids(model, config, batch, seq, generator)
     if task in ("causal-lm", "masked-lm", "seq2seq-lm"):
         labels = {"labels": ids.clone()}
+    if task == "seq2seq-lm" and _takes(model, "attention_mask"):
+        # As a tokenizer gives it. Some encoders (LongT5, Switch Transformers) make this default only when
+        # not compiling (`is_torchdynamo_compiling()`), so under export they would see None and fail.
+        labels = {"attention_mask": torch.ones_like(ids), **labels}
     return {main: ids, **labels}
+
+
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` has a parameter called ``name``."""
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _labels(model: torch.nn.Module, config: Any, task: str, batch: int, seq: int,

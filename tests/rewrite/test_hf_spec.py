@@ -63,7 +63,8 @@ def test_audio_classifiers_get_spectrograms_or_waveforms():
 def test_t5_trains_as_seq2seq_with_derived_fields():
     spec = load_hf_spec("t5", T5, batch=2, seq=8)
     assert type(spec.module).__name__ == "T5ForConditionalGeneration"
-    assert set(spec.kwargs) == {"input_ids", "labels"}
+    assert set(spec.kwargs) == {"input_ids", "attention_mask", "labels"}  # as a tokenizer gives them
+    assert spec.kwargs["attention_mask"].eq(1).all()
     _trains_every_parameter(spec)
 
 
