@@ -69,6 +69,26 @@ def test_a_hybrid_keeps_one_layer_of_each_kind():
     assert (overrides["hidden_size"], overrides["num_attention_heads"]) == (64, 4)
 
 
+def test_a_router_top_k_the_default_config_leaves_unset_gets_a_count():
+    overrides = shrink_overrides(_config("deepseek_v2"))  # num_experts_per_tok=None: its topk() cannot run
+    assert overrides["num_experts_per_tok"] == 2 and overrides["n_routed_experts"] == 4
+
+
+def test_per_layer_fields_of_a_heterogeneous_config_shrink_too():
+    overrides = shrink_overrides(_config("dots3_note_text"))  # reading num_attention_heads globally raises
+    assert (overrides["num_attention_heads"], overrides["num_key_value_heads"]) == (4, 4)
+
+
+def test_a_loss_over_a_fixed_number_of_positions_gets_that_many_tokens():
+    from tools.zoo.build import _fixed_output_length
+
+    mismatch = ValueError("Expected input batch_size (256) to match target batch_size (64).")
+    assert _fixed_output_length(mismatch, 2, 32) == 128  # Perceiver: 128 decoded positions per example
+    empty = ValueError("Expected input batch_size (0) to match target batch_size (62).")
+    assert _fixed_output_length(empty, 2, 32) is None  # GIT's shifted labels: not a length to retry with
+    assert _fixed_output_length(ValueError("other"), 2, 32) is None
+
+
 @pytest.mark.parametrize("key, inputs", [("hf:llama", {"input_ids", "labels"}), ("hf:vit", {"pixel_values", "labels"}),
                                          ("hf:whisper", {"input_features", "labels"})])
 def test_one_architecture_per_modality_builds_tiny_with_its_inputs(key, inputs):

@@ -4,6 +4,7 @@ what ``effcompile hf:<type>`` and ``effcompile model.py`` run), at the tiniest s
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,14 @@ class Built:
     tries: dict[str, str] = field(default_factory=dict)
     parameters: int = 0
     path: str | None = None
+    seq: int = SEQ
 
     def command(self) -> str:
         """The effcompile command line that builds this spec (add ``--passes ...``)."""
         if self.path is not None:
             return f"effcompile {self.path}"
         args = " ".join(f"--model-arg {k}={_literal(v)}" for k, v in self.overrides.items())
-        return f"effcompile {self.spec.name} {args} --batch {BATCH} --seq {SEQ}".replace("  ", " ")
+        return f"effcompile {self.spec.name} {args} --batch {BATCH} --seq {self.seq}".replace("  ", " ")
 
 
 class BuildError(Exception):
@@ -85,11 +87,19 @@ def build(arch: Arch, batch: int = BATCH, seq: int = SEQ) -> Built:
                 continue
             spec = load_hf_spec(arch.model_type, overrides, batch, seq, task=arch.task)
             parameters = _count(spec.module)
-            _check_trains(spec)
+            length = seq
+            try:
+                _check_trains(spec)
+            except ValueError as error:
+                length = _fixed_output_length(error, batch, seq)
+                if length is None:
+                    raise
+                spec = load_hf_spec(arch.model_type, overrides, batch, length, task=arch.task)
+                _check_trains(spec)
         except (EffcompileError, Exception) as error:  # noqa: B014 - say which kind it was
             tries[level] = _line(error)
             continue
-        return Built(spec, level, overrides, tries, parameters)
+        return Built(spec, level, overrides, tries, parameters, seq=length)
     broken = _default_breaks(arch)
     prefix = f"{DEFAULT_BREAKS} {arch.class_name} from its own default config ({broken}); " if broken else ""
     raise BuildError(prefix + "; ".join(f"{level}: {message}" for level, message in tries.items()))
@@ -128,6 +138,22 @@ def _meta_parameters(arch: Arch, overrides: dict[str, Any]) -> int:
     except Exception:  # some models cannot be built on the meta device: build them for real, unchecked
         return 0
     return _count(model)
+
+
+_LENGTHS = re.compile(r"Expected input batch_size \((\d+)\) to match target batch_size \((\d+)\)")
+
+
+def _fixed_output_length(error: ValueError, batch: int, seq: int) -> int | None:
+    """The sequence length a model's loss wants when its output length is fixed by the config rather than
+    by its input (Perceiver's masked LM decodes ``max_position_embeddings`` positions): read from the loss's
+    mismatch, when the labels were ``batch × seq`` and the output a whole number of rows per example."""
+    match = _LENGTHS.search(str(error))
+    if not match:
+        return None
+    rows, labels = int(match.group(1)), int(match.group(2))
+    if labels != batch * seq or rows % batch or rows // batch in (0, seq) or rows // batch > 512:
+        return None
+    return rows // batch
 
 
 def _check_trains(spec: Any) -> None:

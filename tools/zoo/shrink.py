@@ -138,6 +138,11 @@ def _shrink_node(config: Any, prefix: str, roles: frozenset[str], out: dict[str,
     hidden = _int(_get(config, "hidden_size"))
     intermediate = _int(_get(config, "intermediate_size"))
     target = _layer_target(fields, layers) if "layer_lists" in roles else LAYERS
+    routed = any(_EXPERTS.search(name.lower()) and _int(value) for name, value in vars(config).items())
+    for name, value in vars(config).items():
+        # A router's top-k left unset by the default config (DeepSeek-V2) that a config with experts needs.
+        if value is None and "experts" in roles and routed and _EXPERTS_PER_TOKEN.search(name.lower()):
+            new[name] = EXPERTS_PER_TOKEN
     for name, value in fields.items():
         if isinstance(value, bool) or is_config(value) or value is None:
             continue
@@ -158,10 +163,10 @@ def _layer_target(fields: dict[str, Any], layers: int | None) -> int:
 
 
 def _get(config: Any, name: str) -> Any:
-    try:  # a heterogeneous config refuses to read a per-layer field globally
+    try:
         return getattr(config, name, None)
-    except Exception:
-        return None
+    except Exception:  # a heterogeneous config refuses to read a per-layer field globally: its stored value
+        return vars(config).get(name)
 
 
 def _int(value: Any) -> int | None:
