@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from effcompile.graph import op_name
+from effcompile.graph import reads_only_shape
 from effcompile.patterns import LinearSite, find_attention, find_linears
 
 _SEARCH_DEPTH = 24  # nodes between a projection and the attention (rotary embeddings, norms, splits...)
@@ -27,7 +27,6 @@ _SEARCH_DEPTH = 24  # nodes between a projection and the attention (rotary embed
 PEFT_LINEAR_CLASSES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "Conv1d", "Conv2d", "Conv3d")
 # Ops that read only a tensor's shape: a search must not follow them (``view(B, T, ...)`` with ``B, T = x.size()``
 # would lead from the query back through the norm into the previous layer's MLP).
-_SHAPE_OPS = frozenset({"size", "sym_size", "dim", "numel", "getattr", "sym_numel", "sym_stride", "stride"})
 
 
 def attention_projections(gm: torch.fx.GraphModule) -> list[str]:
@@ -56,7 +55,7 @@ def _linears_before(start: object, linears: dict[torch.fx.Node, LinearSite]) -> 
                 continue
             for source in node.all_input_nodes:
                 if source not in seen and source.op not in ("placeholder", "get_attr") \
-                        and op_name(source) not in _SHAPE_OPS:
+                        and not reads_only_shape(source):
                     seen.add(source)
                     following.append(source)
         frontier = following

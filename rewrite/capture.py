@@ -231,13 +231,17 @@ def _is_data_dependent(error: BaseException) -> bool:
 DATA_BRANCH_CHECK = "effcompile: this input takes a different branch on a tensor's value"
 
 
+def is_data_branch_check(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a runtime assertion holding a graph captured specialised on its example's data
+    (see ``_export_specialised``) to a branch that example took: passes must keep it."""
+    return (node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default
+            and len(node.args) > 1 and isinstance(node.args[1], str) and node.args[1].startswith(DATA_BRANCH_CHECK))
+
+
 def data_branch_checks(gm: torch.fx.GraphModule) -> list[str]:
-    """The messages of the runtime assertions that hold a graph captured specialised on its example's data
-    (see ``_export_specialised``) to the branches that example took, in ``gm`` and its nested graphs."""
+    """The messages of the data-branch checks (``is_data_branch_check``) in ``gm`` and its nested graphs."""
     return [node.args[1] for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
-            for node in module.graph.nodes if node.op == "call_function"
-            and node.target is torch.ops.aten._assert_scalar.default and len(node.args) > 1
-            and isinstance(node.args[1], str) and node.args[1].startswith(DATA_BRANCH_CHECK)]
+            for node in module.graph.nodes if is_data_branch_check(node)]
 
 
 class _BranchLog(logging.Handler):

@@ -116,12 +116,13 @@ _SHAPE_READERS = {aten.sym_size.int, aten.sym_size.default, aten.sym_numel.defau
                   torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like, aten.ones_like.default,
                   aten.zeros_like.default, aten.empty_like.default, aten.full_like.default, aten.new_ones.default,
                   aten.new_zeros.default, aten.new_empty.default, aten.new_full.default}
-_SHAPE_METHODS = {"size", "dim", "new_ones", "new_zeros", "new_empty", "new_full"}
+_SHAPE_METHODS = {"size", "dim", "numel", "stride", "new_ones", "new_zeros", "new_empty", "new_full"}
+_SHAPE_ATTRIBUTES = ("shape", "ndim", "dtype", "device")
 
 
 def reads_only_shape(node: torch.fx.Node) -> bool:
-    """True if ``node`` looks at its input's shape (``size``, ``sym_size``, ``ones_like``, ``.shape``...)
-    and never at its values."""
+    """True if ``node`` looks at its input's shape or other metadata (``size``, ``sym_size``, ``ones_like``,
+    ``.shape``, ``.dtype``...) and never at its values."""
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
     if node.op != "call_function":
@@ -129,7 +130,7 @@ def reads_only_shape(node: torch.fx.Node) -> bool:
     if node.target in _SHAPE_READERS:
         return True
     if node.target is getattr:
-        return len(node.args) > 1 and node.args[1] in ("shape", "ndim")
+        return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES
     if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
         return reads_only_shape(node.args[0])
     return False

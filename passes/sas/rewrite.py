@@ -24,6 +24,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from effcompile.capture import is_data_branch_check
 from effcompile.export.registry import serializable
 from effcompile.graph import get_attr_value, reads_only_shape, set_submodule
 from effcompile.patterns import ASSERTION_OPS, AttentionSite, LinearSite, is_softmax
@@ -300,7 +301,8 @@ def install(gm: torch.fx.GraphModule, plan: SitePlan, module: torch.nn.Module, e
     chain = set(plan.chain) | {u for n in plan.chain for u in n.users if reads_only_shape(u)}
     for candidate in list(graph.nodes):
         if candidate.op == "call_function" and candidate.target in ASSERTION_OPS and \
-                any(arg in chain for arg in candidate.all_input_nodes) and not candidate.users:
+                any(arg in chain for arg in candidate.all_input_nodes) and not candidate.users \
+                and not is_data_branch_check(candidate):
             graph.erase_node(candidate)
     # Erase the replaced chain explicitly: dead-code elimination keeps random ops (SDPA, dropout).
     for candidate in reversed(list(graph.nodes)):
