@@ -242,3 +242,34 @@ def test_data_dependent_capture_does_not_depend_on_logging_being_on():
     finally:
         logging.disable(logging.NOTSET)
     assert len(program.meta["data_branches"]) == 1
+
+
+class _PaddedGPT(torch.nn.Module):
+    """The bundled GPT behind a Python branch on its ids' values (pad ids 0 become 1 only when present)."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx):
+        pad = idx.eq(0)
+        if pad.any():
+            idx = idx.masked_fill(pad, 1)
+        return self.gpt(idx)
+
+
+@pytest.mark.parametrize("passes", [["lora", "amp", "remat"], ["sas"], ["lowrank"], ["pipeline"]])
+def test_every_pass_keeps_the_data_branch_checks(passes):
+    from effcompile.capture import data_branch_checks
+
+    gpt = example_gpt_spec()
+    ids = gpt.args[0].clamp(min=1)  # no pad id: the branch is not taken
+    spec = ModelSpec(_PaddedGPT(gpt.module), (ids,), {}, gpt.loss_fn, "padded-gpt")
+    options = {"lowrank": {"rank": 8}, "sas": {"window": 8, "block_size": 8}}
+    result = effcompile.compile(spec, passes=passes, options={k: v for k, v in options.items() if k in passes})
+    assert all(record.changed and (record.verify is None or record.verify.ok) for record in result.report.records)
+    assert data_branch_checks(result.module), f"{passes} dropped the runtime check of the captured branch"
+    padded = ids.clone()
+    padded[0, 0] = 0
+    with pytest.raises(RuntimeError, match="different branch on a tensor's value"):
+        result.module(padded)
