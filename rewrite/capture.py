@@ -200,7 +200,39 @@ def _export(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool = True
         shapes_log.handlers, shapes_log.propagate = handlers, propagate
 
 
+@contextlib.contextmanager
+def _no_op_module_conversions() -> Any:
+    """While exporting, ``module.to(dtype/device)`` that would change no tensor returns the module untouched,
+    as it does in eager mode. Some models convert a submodule inside ``forward`` (Switch Transformers' router:
+    ``self.classifier = self.classifier.to(self.dtype)``), and ``Module._apply`` on export's fake parameters
+    tries to swap each for itself and fails. A conversion that would change a tensor still goes through."""
+    original = torch.nn.Module.to
+
+    def to(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        try:
+            device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        except Exception:  # let the real method raise its own error
+            return original(self, *args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        unchanged = memory_format is None and all(
+            (device is None or t.device == device)
+            and (dtype is None or not (t.is_floating_point() or t.is_complex()) or t.dtype == dtype)
+            for t in tensors)
+        return self if unchanged else original(self, *args, **kwargs)
+
+    torch.nn.Module.to = to  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original  # type: ignore[method-assign]
+
+
 def _export_loud(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
+    with _no_op_module_conversions():
+        return _export_or_specialise(module, spec, dynamic_batch)
+
+
+def _export_or_specialise(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
     try:
         return _export_once(module, spec, dynamic_batch)
     except Exception as error:

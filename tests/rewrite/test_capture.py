@@ -273,3 +273,26 @@ def test_every_pass_keeps_the_data_branch_checks(passes):
     padded[0, 0] = 0
     with pytest.raises(RuntimeError, match="different branch on a tensor's value"):
         result.module(padded)
+
+
+class _ConvertsItsRouter(torch.nn.Module):
+    """Switch Transformers' router converts its own classifier inside forward (a no-op in float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.classifier = self.classifier.to(torch.float32)
+        return self.classifier(x)
+
+
+def test_a_no_op_module_conversion_inside_forward_is_captured():
+    ConvertsItsRouter = type("ConvertsItsRouter", (_ConvertsItsRouter,), {"__module__": "transformers.fake"})
+    model = ConvertsItsRouter()  # an HF-looking class: export, not symbolic tracing
+    x = torch.randn(3, 4)
+    original_to = torch.nn.Module.to
+    program = capture(ModelSpec(model, (x,)))
+    assert program.capture_path == "export"
+    torch.testing.assert_close(program.gm(x), model(x))
+    assert torch.nn.Module.to is original_to  # the export-time stand-in is gone after capture
