@@ -19,14 +19,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from effcompile.graph import reads_only_shape
+from effcompile.graph import bounded_walk, reads_only_shape
 from effcompile.patterns import LinearSite, find_attention, find_linears
 
 _SEARCH_DEPTH = 24  # nodes between a projection and the attention (rotary embeddings, norms, splits...)
 # Module classes PEFT's LoRA wraps that can be linear sites (by class name, as nn_module_stack records them).
 PEFT_LINEAR_CLASSES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "Conv1d", "Conv2d", "Conv3d")
-# Ops that read only a tensor's shape: a search must not follow them (``view(B, T, ...)`` with ``B, T = x.size()``
-# would lead from the query back through the norm into the previous layer's MLP).
 
 
 def attention_projections(gm: torch.fx.GraphModule) -> list[str]:
@@ -44,37 +42,27 @@ def attention_projections(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def _linears_before(start: object, linears: dict[torch.fx.Node, LinearSite]) -> list[str]:
+    """The linears feeding ``start`` (a query/key/value), each the first on its path back through at most
+    ``_SEARCH_DEPTH`` ops."""
     if not isinstance(start, torch.fx.Node):
         return []
-    paths, frontier, seen = [], [start], {start}
-    for _ in range(_SEARCH_DEPTH):
-        following = []
-        for node in frontier:
-            if node in linears:
-                paths.append(linears[node].path)
-                continue
-            for source in node.all_input_nodes:
-                if source not in seen and source.op not in ("placeholder", "get_attr") \
-                        and not reads_only_shape(source):
-                    seen.add(source)
-                    following.append(source)
-        frontier = following
-    return paths
+    if start in linears:
+        return [linears[start].path]
+
+    def sources(node: torch.fx.Node) -> list[torch.fx.Node]:
+        # Not through an op that reads only a shape: ``view(B, T, ...)`` with ``B, T = x.size()`` would lead
+        # from the query back through the norm into the previous layer's MLP.
+        return [s for s in node.all_input_nodes if s.op not in ("placeholder", "get_attr") and not reads_only_shape(s)]
+
+    return [linears[n].path for n in bounded_walk(start, sources, _SEARCH_DEPTH - 1, lambda n: n not in linears)
+            if n in linears]
 
 
 def _linears_after(output: torch.fx.Node, linears: dict[torch.fx.Node, LinearSite]) -> list[str]:
     """The first linear(s) reading the attention's output through reshapes (the output projection)."""
-    frontier, seen = [output], {output}
-    for _ in range(8):
-        following = []
-        for node in frontier:
-            for user in node.users:
-                if user in linears:
-                    return [linears[user].path]
-                if user not in seen:
-                    seen.add(user)
-                    following.append(user)
-        frontier = following
+    for user in bounded_walk(output, lambda n: n.users, 8, lambda n: n not in linears):
+        if user in linears:
+            return [linears[user].path]
     return []
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from effcompile.errors import OptionError, PassError
 from effcompile.export.registry import serializable
-from effcompile.graph import finalize, op_name
+from effcompile.graph import bounded_walk, finalize, op_name
 from effcompile.pass_manager import Pass, PassRecord, register
 from effcompile.passes.linear_sites import (
     check_patterns,
@@ -197,18 +197,9 @@ def routes_experts(node: torch.fx.Node) -> str | None:
     """The expert-selection op (``topk``, ``argmax``, ``sort``...) that ``node``'s output reaches through at most
     ``_ROUTING_DEPTH`` softmax/sigmoid/cast/bias/reshape ops — i.e. ``node`` is a mixture-of-experts router —
     else None. Matched on the graph, not on module names."""
-    frontier, seen = [node], {node}
-    for _ in range(_ROUTING_DEPTH):
-        following = []
-        for current in frontier:
-            for user in current.users:
-                name = op_name(user)
-                if name in _EXPERT_SELECTION:
-                    return name
-                if name in _ROUTING_PASSTHROUGH and user not in seen:
-                    seen.add(user)
-                    following.append(user)
-        frontier = following
+    for user in bounded_walk(node, lambda n: n.users, _ROUTING_DEPTH, lambda n: op_name(n) in _ROUTING_PASSTHROUGH):
+        if op_name(user) in _EXPERT_SELECTION:
+            return op_name(user)
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -134,6 +135,25 @@ def reads_only_shape(node: torch.fx.Node) -> bool:
     if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
         return reads_only_shape(node.args[0])
     return False
+
+
+def bounded_walk(start: torch.fx.Node, neighbours: Callable[[torch.fx.Node], Iterable[torch.fx.Node]], depth: int,
+                 follow: Callable[[torch.fx.Node], bool] = lambda node: True) -> Iterator[torch.fx.Node]:
+    """Breadth-first from ``start`` (not yielded) over ``neighbours(node)`` (e.g. ``lambda n: n.users``): yields
+    each node first reached within ``depth`` steps, nearest first, once; only the nodes ``follow`` accepts are
+    walked on from."""
+    frontier, seen = [start], {start}
+    for _ in range(depth):
+        following = []
+        for node in frontier:
+            for reached in neighbours(node):
+                if reached in seen:
+                    continue
+                seen.add(reached)
+                yield reached
+                if follow(reached):
+                    following.append(reached)
+        frontier = following
 
 
 def depends_on_input_data(node: torch.fx.Node) -> bool:
