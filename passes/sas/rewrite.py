@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from effcompile.capture import is_data_branch_check
 from effcompile.export.registry import serializable
 from effcompile.graph import get_attr_value, reads_only_shape, set_submodule
-from effcompile.patterns import ASSERTION_OPS, AttentionSite, LinearSite, is_softmax
+from effcompile.patterns import ASSERTION_OPS, TRANSPOSE_OPS, VIEW_OPS, AttentionSite, LinearSite, is_softmax
 
 aten = torch.ops.aten
 _DTYPE_OPS = {aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.to.dtype_layout}
@@ -37,16 +37,15 @@ _DIV = {operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar, "div"}
 _ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
 _MASKED_FILL = {aten.masked_fill.Scalar, torch.masked_fill, "masked_fill"}
 _DROPOUT = {F.dropout, aten.dropout.default}
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape, "view", "reshape"}
+_VIEWS = VIEW_OPS | {"view", "reshape"}
 # Ops through which a view of the attention output stays a view of it (their output's strides follow).
-_LAYOUT = {aten.transpose.int, aten.permute.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
-           aten.slice.Tensor, aten.select.int, aten.view.default, torch.transpose, torch.permute, torch.unsqueeze,
-           torch.squeeze, operator.getitem, "transpose", "permute", "unsqueeze", "squeeze", "expand", "view",
-           "unflatten", "flatten", "t",
-           # reshape returns a view when the strides allow it and clone/alias keep them (preserve_format), so
-           # a view further down still depends on the replaced op's layout (afmoe: sdpa → reshape → transpose → view)
-           aten.reshape.default, torch.reshape, "reshape", aten.clone.default, torch.clone, "clone",
-           aten.alias.default, aten._unsafe_view.default}
+# Reshapes are among them: reshape returns a view when the strides allow it and clone/alias keep them
+# (preserve_format), so a view further down still depends on the replaced op's layout (afmoe: sdpa → reshape →
+# transpose → view).
+_LAYOUT = TRANSPOSE_OPS | _VIEWS | {
+    aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.slice.Tensor, aten.select.int,
+    torch.unsqueeze, torch.squeeze, operator.getitem, "transpose", "permute", "unsqueeze", "squeeze", "expand",
+    "unflatten", "flatten", "t", aten.clone.default, torch.clone, "clone", aten.alias.default}
 # masked_fill values at or below this count as "masked out" (HF uses finfo.min, others -1e4 or -inf).
 _MASKED_VALUE = -1e4
 

@@ -18,30 +18,38 @@ Matchers that can fail say why (``NoMatch``: the node where the pattern broke an
 One module each: ``ops`` (the op sets, ``NoMatch``), ``linears``, ``attention``, ``loss_heads``.
 """
 
-from .attention import ASSERTION_OPS, AttentionSite, find_attention, is_softmax, match_attention
+from .attention import (
+                        ASSERTION_OPS,
+                        TRANSPOSE_OPS,
+                        VIEW_OPS,
+                        AttentionSite,
+                        find_attention,
+                        is_softmax,
+                        match_attention,
+)
 from .linears import LinearSite, find_linears
 from .loss_heads import (
-                         HEAD_VIEW_METHODS,
-                         HEAD_VIEWS,
-                         HeadSite,
-                         cross_entropy_options,
-                         find_loss_heads,
-                         float_cast,
-                         match_loss_head,
-                         node_rank,
+                        HEAD_VIEW_METHODS,
+                        HEAD_VIEWS,
+                        HeadSite,
+                        cross_entropy_options,
+                        find_loss_heads,
+                        float_cast,
+                        match_loss_head,
+                        node_rank,
 )
 from .ops import (
-                         ADDMM_FUNCTIONS,
-                         DTYPE_CONVERSIONS,
-                         LINEAR_FUNCTIONS,
-                         MATMUL_FUNCTIONS,
-                         MM_FUNCTIONS,
-                         SDPA_FUNCTIONS,
-                         SOFTMAX_FUNCTIONS,
-                         NoMatch,
+                        ADDMM_FUNCTIONS,
+                        DTYPE_CONVERSIONS,
+                        LINEAR_FUNCTIONS,
+                        MATMUL_FUNCTIONS,
+                        MM_FUNCTIONS,
+                        SDPA_FUNCTIONS,
+                        SOFTMAX_FUNCTIONS,
+                        NoMatch,
 )
 
-__all__ = ["ADDMM_FUNCTIONS", "ASSERTION_OPS", "DTYPE_CONVERSIONS", "HEAD_VIEWS", "HEAD_VIEW_METHODS", "LINEAR_FUNCTIONS",
+__all__ = ["ADDMM_FUNCTIONS", "ASSERTION_OPS", "TRANSPOSE_OPS", "VIEW_OPS", "DTYPE_CONVERSIONS", "HEAD_VIEWS", "HEAD_VIEW_METHODS", "LINEAR_FUNCTIONS",
            "MATMUL_FUNCTIONS", "MM_FUNCTIONS", "SDPA_FUNCTIONS", "SOFTMAX_FUNCTIONS", "AttentionSite", "HeadSite",
            "LinearSite", "NoMatch", "cross_entropy_options", "find_attention", "find_linears", "find_loss_heads",
            "float_cast", "is_softmax", "match_attention", "match_loss_head", "node_rank"]

@@ -22,7 +22,9 @@ _SCORE_METHODS = {"masked_fill", "to", "float", "type_as", "mul", "div", "add", 
 _PROB_OPS = {F.dropout, aten.dropout.default, aten.native_dropout.default, aten.to.dtype, aten._to_copy.default,
              operator.getitem, aten.clone.default}
 _PROB_METHODS = {"to", "type_as", "half", "float", "bfloat16"}
-_VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape}
+# Reshapes (a view when the strides allow) and transposes, as functions; method calls are matched by name.
+VIEW_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, torch.reshape})
+TRANSPOSE_OPS = frozenset({aten.transpose.int, aten.permute.default, aten.t.default, torch.transpose, torch.permute})
 
 
 @dataclass
@@ -100,7 +102,7 @@ def _is_matmul(node: Any) -> bool:
 
 
 def _is_view(node: Any) -> bool:
-    return isinstance(node, torch.fx.Node) and ((node.op == "call_function" and node.target in _VIEW_OPS)
+    return isinstance(node, torch.fx.Node) and ((node.op == "call_function" and node.target in VIEW_OPS)
                                                 or (node.op == "call_method" and node.target in ("view", "reshape")))
 
 

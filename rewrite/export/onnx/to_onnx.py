@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 from ...capture import data_branch_checks
 from ...errors import ExportError
 from ...graph import get_attr_value, module_path, op_name
+from ...patterns import TRANSPOSE_OPS, VIEW_OPS
 from ...program import Program, loss_field
 from .failures import describe_export_failure, strip_ansi
 from .helpers import default_opset, first_line
@@ -101,10 +102,6 @@ def _input_unflattener(program: Program) -> Any:
     return unflatten_named
 
 
-_LAYOUT_OPS = {torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.t.default}
-_VIEW_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default}
-
-
 def _copy_before_strided_views(gm: torch.fx.GraphModule) -> int:
     """Give every ``view``/``reshape`` of a transposed/permuted tensor a contiguous copy as its input. Returns
     how many.
@@ -118,8 +115,8 @@ def _copy_before_strided_views(gm: torch.fx.GraphModule) -> int:
                   and len(n.args) == 1]
     for node in contiguous:  # an explicit copy: the decomposition drops a contiguous() it judges a no-op
         node.target, node.kwargs = torch.ops.aten.clone.default, {"memory_format": torch.contiguous_format}
-    views = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _VIEW_OPS
-             and isinstance(n.args[0], torch.fx.Node) and n.args[0].target in _LAYOUT_OPS]
+    views = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in VIEW_OPS
+             and isinstance(n.args[0], torch.fx.Node) and n.args[0].target in TRANSPOSE_OPS]
     for view in views:
         with gm.graph.inserting_before(view):
             copy = gm.graph.call_function(torch.ops.aten.clone.default, (view.args[0],),
