@@ -322,6 +322,9 @@ def _export_specialised(module: torch.nn.Module, spec: ModelSpec, dynamic_batch:
                and n.target is torch.ops.aten._assert_scalar.default]
     if not branches.branches or not asserts:  # nothing to hold the graph to its example's branches
         raise CaptureError("export specialised on data without a runtime check")
+    if any(_depends_on_random(node) for node in asserts):
+        # A random branch (layerdrop: `if torch.rand([]) < p`) would fail its check at random steps: refuse.
+        raise CaptureError("a branch on a random draw cannot be specialised")
     gm.meta["data_branches"] = branches.branches
     message = (f"{DATA_BRANCH_CHECK} than the example {spec.name} was captured with "
                f"({'; '.join(branches.branches)[:400]}); capture it with an example like this input")
@@ -329,6 +332,22 @@ def _export_specialised(module: torch.nn.Module, spec: ModelSpec, dynamic_batch:
         node.args = (node.args[0], message)
     gm.recompile()
     return gm
+
+
+def _depends_on_random(node: torch.fx.Node) -> bool:
+    """Whether ``node`` reads, at any distance, the result of a random op (ATen's ``nondeterministic_seeded``)."""
+    seen: set[torch.fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        tags = getattr(current.target, "tags", ()) if current.op == "call_function" else ()
+        if torch.Tag.nondeterministic_seeded in tags:
+            return True
+        stack.extend(current.all_input_nodes)
+    return False
 
 
 def _export_once(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
