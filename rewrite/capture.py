@@ -11,6 +11,7 @@ import importlib.util
 import io
 import logging
 import pkgutil
+import re
 import sysconfig
 import traceback
 from pathlib import Path
@@ -81,6 +82,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     except Exception as error:
         detail = "; ".join(failures + [f"torch.export: {_where(error)}"])
         raise CaptureError(f"cannot capture {spec.name}: {detail}; {_capture_fix(spec.module)}") from error
+    _refuse_vmapped_indexing(gm, spec)
     repoint_aliases(gm, module, spec.module)
     program = Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "export", spec.name,
                       {"fallback_reason": failures[0] if failures else None,
@@ -332,6 +334,26 @@ def _export_specialised(module: torch.nn.Module, spec: ModelSpec, dynamic_batch:
         node.args = (node.args[0], message)
     gm.recompile()
     return gm
+
+
+def _refuse_vmapped_indexing(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
+    """Raise CaptureError when the exported graph indexes a tensor through ``torch.vmap`` (transformers'
+    ``masking_utils`` with ``use_vmap=True``, T5Gemma 2's bidirectional mask): export records it as a
+    ``flat_apply`` of dynamo's wrapped ``mod_index``, and replaying that outside export leaks vmap's batched
+    tensors into the graph's values."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and type(node.target).__name__ == "FlatApply" and any(
+                "_trace_wrapped_higher_order_op" in str(arg.target) for arg in node.all_input_nodes
+                if arg.op == "get_attr"):
+            frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+            where = ""
+            if frames:
+                file, line = frames[-1]
+                where = f" at {file.split('site-packages/', 1)[-1]}:{line}"
+            raise CaptureError(f"cannot capture {spec.name}: the model indexes a tensor inside torch.vmap{where} "
+                               "(a mask built by vmapping a mask function), which torch.export records as a call "
+                               "that leaks vmap's batched tensors when replayed; build that mask without vmap "
+                               "(an index-based mask function) or pass the model a ready 4-D attention mask")
 
 
 def _depends_on_random(node: torch.fx.Node) -> bool:

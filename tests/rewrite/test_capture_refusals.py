@@ -59,3 +59,30 @@ def test_a_library_models_error_names_its_own_source_line():
                  site + "torch/export/_trace.py", "exec"), namespace)
     error = namespace["trace"](namespace["forward"])
     assert _where(error) == "ValueError: data-dependent at transformers/models/toy/modeling_toy.py:2"
+
+
+class _VmappedMask(torch.nn.Module):
+    """A mask built by vmapping an indexing mask function, as transformers' masking utilities do with
+    ``use_vmap=True`` (T5Gemma 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+
+        def allowed(i, j):
+            return mask[i, j]
+
+        with TransformGetItemToIndex():
+            rows = torch.vmap(torch.vmap(allowed, in_dims=(None, 0)), in_dims=(0, None))
+            full = rows(torch.arange(4), torch.arange(4))
+        return self.linear(x) * full
+
+
+def test_indexing_inside_vmap_is_refused_naming_the_line():
+    # Exported, it replays as a call that leaks vmap's batched tensors (an internal error later, before).
+    spec = ModelSpec(_VmappedMask(), (torch.randn(4, 4), torch.ones(4, 4, dtype=torch.bool)), name="vmapped")
+    with pytest.raises(CaptureError, match=r"indexes a tensor inside torch.vmap at .*test_capture_refusals.py:\d+"):
+        capture(spec, path="export")
