@@ -126,6 +126,7 @@ def _model_summary(final: Program, captured: Program, analysis: Analysis | None)
         "name": captured.name, "capture_path": captured.capture_path,
         "capture_fallback_reason": captured.meta.get("fallback_reason"),
         "data_branches": list(captured.meta.get("data_branches") or ()),
+        "custom_functions": list(captured.meta.get("custom_functions") or ()),
         "dynamic_batch": bool(captured.gm.meta.get("dynamic_batch", False)),
         "nodes": len(captured.gm.graph.nodes), "params": parameter_count(captured.gm),
         "trainable_params": parameter_count(captured.gm, True),

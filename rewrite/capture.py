@@ -87,6 +87,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     program = Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "export", spec.name,
                       {"fallback_reason": failures[0] if failures else None,
                        "data_branches": list(gm.meta.get("data_branches", ()))})
+    _check_custom_backwards(program, spec)
     if canonical:
         program.meta["causal_sdpa"] = causal_sdpa(program)
         program.meta["uncast_outputs"] = uncast_outputs(program.gm)
@@ -229,9 +230,56 @@ def _no_op_module_conversions() -> Any:
         torch.nn.Module.to = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def _custom_functions(found: dict[str, str]) -> Any:
+    """While exporting, record in ``found`` (class name → the model's line) each ``torch.autograd.Function``
+    of the model's own (not torch's) with its own ``backward`` that the model applies: torch.export traces
+    its forward and drops that backward."""
+    function = torch.autograd.Function
+    original = function.__dict__["apply"]
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        if cls.backward is not function.backward and not cls.__module__.startswith("torch."):
+            found.setdefault(cls.__qualname__, _model_frame(traceback.extract_stack()[:-1], innermost=True))
+        return original.__func__(cls, *args, **kwargs)
+
+    function.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        function.apply = original  # type: ignore[method-assign]
+
+
 def _export_loud(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
-    with _no_op_module_conversions():
-        return _export_or_specialise(module, spec, dynamic_batch)
+    functions: dict[str, str] = {}
+    with _no_op_module_conversions(), _custom_functions(functions):
+        gm = _export_or_specialise(module, spec, dynamic_batch)
+    gm.meta["custom_functions"] = functions
+    return gm
+
+
+def _check_custom_backwards(program: Program, spec: ModelSpec) -> None:
+    """When the model applied custom autograd Functions (their backward is not in the graph), compare one
+    training step of the graph with the model's own: raise CaptureError naming them when the graph's backward
+    fails or its gradients differ; else list them in ``program.meta["custom_functions"]``."""
+    from .verify import compare
+
+    functions = program.gm.meta.get("custom_functions") or {}
+    if not functions:
+        return
+    named = ", ".join(f"{name}{where}" for name, where in functions.items())
+    try:
+        reference = Program(copy.deepcopy(spec.module), spec.args, dict(spec.kwargs), spec.loss_fn, "eager", spec.name)
+        result = compare(reference, program, exact=True)
+        why = "" if result.ok else f"its gradients differ from the model's ({'; '.join(result.failures)[:200]})"
+    except Exception as error:  # the differentiated forward can fail (SEW-D's XSoftmax fills its output in place)
+        why = f"that fails ({_where(error)})"
+    if why:
+        raise CaptureError(f"cannot capture {spec.name}: it applies the custom autograd.Function {named}, whose own "
+                           f"backward torch.export does not keep; the graph differentiates its forward instead and "
+                           f"{why}; make it a torch.library custom op with register_autograd (export keeps those) "
+                           "or write it with differentiable tensor ops")
+    program.meta["custom_functions"] = list(functions)
 
 
 def _export_or_specialise(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:

@@ -79,6 +79,10 @@ def render(report: Report, console: Any) -> None:
         console.print(f"[yellow]specialised on the example's data[/yellow] at {len(model['data_branches'])} "
                       f"branch(es): {'; '.join(model['data_branches'])}. Inputs that branch otherwise raise "
                       "(never a wrong result): capture with an example like them.")
+    if model.get("custom_functions"):
+        console.print(f"custom autograd.Function(s) {', '.join(model['custom_functions'])}: the graph differentiates "
+                      "their forward (export drops a custom backward); checked to give the model's gradients on the "
+                      "example")
     table = Table(title="passes")
     for column in ("pass", "changed", "what", "trainable", "saved for bwd", "fwd FLOPs", "train step FLOPs",
                    "verify out/grad err", "s"):

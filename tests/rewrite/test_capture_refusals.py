@@ -86,3 +86,49 @@ def test_indexing_inside_vmap_is_refused_naming_the_line():
     spec = ModelSpec(_VmappedMask(), (torch.randn(4, 4), torch.ones(4, 4, dtype=torch.bool)), name="vmapped")
     with pytest.raises(CaptureError, match=r"indexes a tensor inside torch.vmap at .*test_capture_refusals.py:\d+"):
         capture(spec, path="export")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Rounds forward, passes the gradient straight through: its backward is not the forward's derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Doubling(torch.autograd.Function):
+    """A custom Function whose backward is the forward's derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+class _Applies(torch.nn.Module):
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.function = function
+
+    def forward(self, x):
+        return self.function.apply(self.linear(x)).sum()
+
+
+def test_a_custom_backward_that_export_drops_is_refused_not_trained_silently_otherwise():
+    # torch.export keeps the forward of an autograd.Function and drops its backward: the graph's gradient of a
+    # straight-through estimator is round()'s, zero, and lin would never train.
+    spec = ModelSpec(_Applies(_StraightThrough), (torch.randn(2, 4),), {}, lambda out, x: out, "ste")
+    with pytest.raises(CaptureError, match=r"custom autograd.Function _StraightThrough at .*test_capture_refusals.py"
+                                           r".*gradients differ"):
+        capture(spec, path="export")
+    same = capture(ModelSpec(_Applies(_Doubling), (torch.randn(2, 4),), {}, lambda out, x: out, "doubling"),
+                   path="export")
+    assert same.meta["custom_functions"] == ["_Doubling"]
