@@ -233,3 +233,12 @@ def test_modality_summary_counts_what_transformers_itself_cannot_build_apart():
               ("hf:b", "identity"): {"outcome": "refused", "message": "cannot capture"}}
     row = next(line for line in summary_markdown(builds, checks).splitlines() if line.startswith("| text"))
     assert row == "| text | 4 | 3 | 2 | 1 | 25% / 33% / 50% |"
+
+
+def test_the_table_lists_what_was_captured_specialised_on_its_examples_data():
+    rows = [{"kind": "build", "arch": "hf:fsmt", "modality": "text", "level": "tiny"},
+            {"kind": "check", "arch": "hf:fsmt", "check": "identity", "outcome": "verified", "message": "",
+             "details": {"data_branches": ["at transformers/models/fsmt/modeling_fsmt.py:266 (Eq(u0, 1) is False)"]}}]
+    text = conformance_markdown(rows)
+    section = text.split("## Captured specialised on the example's data", 1)[1].split("\n## ", 1)[0]
+    assert "- `hf:fsmt`: at transformers/models/fsmt/modeling_fsmt.py:266" in section

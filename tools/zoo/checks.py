@@ -116,6 +116,9 @@ def _pass_check(context: Context, check: str) -> CheckResult:
     compiled = effcompile.compile(spec, passes=passes, options=options)
     records = compiled.report.records
     details: dict[str, Any] = {"records": [_record(r) for r in records]}
+    for key in ("data_branches", "custom_functions"):  # what capture took on trust of the example (see table)
+        if compiled.report.model.get(key):
+            details[key] = compiled.report.model[key]
     problems = _judge_module(context, compiled.module, details)
     exact = all(r.exact for r in records)
     same_trainable = {n for n, p in spec.module.named_parameters() if p.requires_grad} == \

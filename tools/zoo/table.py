@@ -119,6 +119,12 @@ def conformance_markdown(rows: list[dict[str, Any]]) -> str:
         seconds = build.get("seconds", 0) + sum(checks.get((arch, c), {}).get("seconds", 0) for c in names)
         cells = " | ".join(_cell(checks.get((arch, c))) for c in names)
         out.append(f"| `{arch}` | {build.get('class_name', '')} | {level} | {cells} | {seconds:.0f} |")
+    specialised = sorted({(arch, branch) for (arch, _), row in checks.items() if row["outcome"] == "verified"
+                          for branch in row.get("details", {}).get("data_branches", ())})
+    out += ["", "## Captured specialised on the example's data", "",
+            "Verified with a Python branch on a tensor's value taken as the example takes it, held by a runtime "
+            "check in the graph (other inputs raise; ONNX export is refused):", ""]
+    out += [f"- `{arch}`: {branch}" for arch, branch in specialised] or ["(none)"]
     for outcome, title in (("wrong", "Silently wrong"), ("failed", "Failures"), ("refused", "Refusals")):
         bullets = grouped_messages(checks, outcome)
         out += ["", f"## {title}", ""] + (bullets or ["(none)"])
