@@ -79,6 +79,11 @@ def test_per_layer_fields_of_a_heterogeneous_config_shrink_too():
     assert (overrides["num_attention_heads"], overrides["num_key_value_heads"]) == (4, 4)
 
 
+def test_layer_counts_of_parts_keep_summing_to_the_layer_count():
+    overrides = shrink_overrides(_config("dory"))  # input 16 + recurrent 40 (derived) + output 16 = 72 layers
+    assert (overrides["n_input_layers"], overrides["n_output_layers"], overrides["num_hidden_layers"]) == (1, 1, 3)
+
+
 def test_a_loss_over_a_fixed_number_of_positions_gets_that_many_tokens():
     from tools.zoo.build import _fixed_output_length
 

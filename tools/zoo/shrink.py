@@ -150,6 +150,8 @@ def _shrink_node(config: Any, prefix: str, roles: frozenset[str], out: dict[str,
         if changed is not None and changed != value:
             new[name] = changed
     _keep_relations(config, fields, new, roles)
+    if "layers" in roles:
+        _keep_layer_parts(config, fields, new)
     if "vocab" in roles:
         _renumber_token_ids(fields, new, token_ids)
     out.update({prefix + k: v for k, v in new.items()})
@@ -255,6 +257,23 @@ def _keep_kinds(entries: list | str, count: int) -> list | str:
             chosen = sorted(chosen + [index])
     picked = [entries[i] for i in chosen]
     return "".join(picked) if isinstance(entries, str) else picked
+
+
+def _keep_layer_parts(config: Any, fields: dict[str, Any], new: dict[str, Any]) -> None:
+    """Layer counts of a model's parts that sum to its layer count (Dory: input + recurrent + output layers =
+    ``num_hidden_layers``, the recurrent count derived by the config) keep summing to it: each part at most
+    one layer, the total their sum, so no part is left with none."""
+    primary = next((n for n in fields if _PRIMARY_LAYERS.search(n.lower()) and _int(fields[n])), None)
+    if primary is None or primary not in new:
+        return
+    parts = {n: v for n, v in vars(config).items() if n != primary and _int(v) and v > 0
+             and _OTHER_LAYERS.search(n.lower()) and "feat" not in n.lower() and "conv" not in n.lower()}
+    if len(parts) < 2 or sum(parts.values()) != fields[primary]:
+        return
+    for name in parts:
+        if name in fields:
+            new[name] = 1
+    new[primary] = len(parts)
 
 
 def _keep_relations(config: Any, fields: dict[str, Any], new: dict[str, Any], roles: frozenset[str]) -> None:
