@@ -549,12 +549,7 @@ def test_t5_attention_output_view_exports(tmp_path):
     _assert_same_curve([trainer.step(feeds) for _ in range(3)], _torch_losses(program, 3))
 
 
-class _PadBranch(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(10, 8)
-        self.head = torch.nn.Linear(8, 10)
-
+class _PadBranch(_Tagger):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         pad = ids.eq(1)
         if not pad.any():  # FSMT's padding mask: a Python branch on the ids' values
