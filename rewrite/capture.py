@@ -14,6 +14,7 @@ import pkgutil
 import re
 import sysconfig
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.fx
 
 from .canonical import causal_sdpa, loss_boundary, uncast_outputs
 from .errors import CaptureError
-from .graph import get_attr_value, parent_module
+from .graph import bounded_walk, get_attr_value, parent_module
 from .program import Program
 from .spec import ModelSpec
 
@@ -368,8 +369,8 @@ def _export_specialised(module: torch.nn.Module, spec: ModelSpec, dynamic_batch:
         shapes_log.handlers, shapes_log.propagate = saved[0], saved[1]
         shapes_log.setLevel(saved[2])
         logging.disable(saved[3])
-    asserts = [n for n in gm.graph.nodes if n.op == "call_function"
-               and n.target is torch.ops.aten._assert_scalar.default]
+    asserts = [n for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule) for n in sub.graph.nodes
+               if n.op == "call_function" and n.target is torch.ops.aten._assert_scalar.default and _on_data(n)]
     if not branches.branches or not asserts:  # nothing to hold the graph to its example's branches
         raise CaptureError("export specialised on data without a runtime check")
     if any(_depends_on_random(node) for node in asserts):
@@ -380,8 +381,29 @@ def _export_specialised(module: torch.nn.Module, spec: ModelSpec, dynamic_batch:
                f"({'; '.join(branches.branches)[:400]}); capture it with an example like this input")
     for node in asserts:
         node.args = (node.args[0], message)
-    gm.recompile()
+    for sub in gm.modules():
+        if isinstance(sub, torch.fx.GraphModule):
+            sub.recompile()
     return gm
+
+
+def _on_data(assertion: torch.fx.Node) -> bool:
+    """Whether a runtime assertion checks, at any distance, a value read from a tensor's data (``.item()``,
+    ``.any()`` in an ``if``, a ``nonzero`` size: an unbacked symbol), not a shape."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    reads = (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
+    for node in _ancestors(assertion):
+        value = node.meta.get("val")
+        if node.target in reads or (isinstance(value, (torch.SymInt, torch.SymBool, torch.SymFloat))
+                                    and free_unbacked_symbols(value)):
+            return True
+    return False
+
+
+def _ancestors(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+    """Every node ``node`` reads, at any distance."""
+    return bounded_walk(node, lambda n: n.all_input_nodes, len(node.graph.nodes))
 
 
 def _refuse_vmapped_indexing(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
@@ -406,18 +428,8 @@ def _refuse_vmapped_indexing(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
 
 def _depends_on_random(node: torch.fx.Node) -> bool:
     """Whether ``node`` reads, at any distance, the result of a random op (ATen's ``nondeterministic_seeded``)."""
-    seen: set[torch.fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        tags = getattr(current.target, "tags", ()) if current.op == "call_function" else ()
-        if torch.Tag.nondeterministic_seeded in tags:
-            return True
-        stack.extend(current.all_input_nodes)
-    return False
+    return any(torch.Tag.nondeterministic_seeded in (getattr(n.target, "tags", ()) if n.op == "call_function" else ())
+               for n in _ancestors(node))
 
 
 def _export_once(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
