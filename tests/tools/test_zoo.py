@@ -182,6 +182,24 @@ def test_the_trajectory_catches_a_module_that_trains_differently_and_passes_an_e
     assert all(torch.equal(v, before[k]) for k, v in original.state_dict().items())  # the judge restored the original
 
 
+def test_the_gradient_judge_catches_a_small_consistent_gradient_error_the_trajectory_misses():
+    # YOSO's custom backward, lost by export, changed gradients by under 1% and 5 loss values by under 1e-4.
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    args, kwargs = (torch.randn(4, 8),), {}
+
+    def objective(module, a, k):
+        return module(*a, **k).square().mean()
+
+    nudged = copy.deepcopy(original)
+    nudged[0].weight.register_hook(lambda grad: grad * 1.005)  # a gradient 0.5% off, the loss unchanged
+    assert judges.trajectory(original, nudged, objective, args, kwargs).ok
+    reference = judges.gradients(original, objective, args, kwargs)
+    assert judges.gradient_differences(reference, judges.gradients(copy.deepcopy(original), objective, args, kwargs)) == []
+    [found] = judges.gradient_differences(reference, judges.gradients(nudged, objective, args, kwargs))
+    assert found.startswith("0.weight (rel 0.005")
+
+
 def test_shifted_batches_keep_labels_aligned():
     ids = torch.arange(6).reshape(1, 6)
     batches = judges.shifted_batches((), {"input_ids": ids, "labels": ids.clone()}, 3)

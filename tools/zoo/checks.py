@@ -16,7 +16,9 @@ import torch
 from .judges import (
     aliased_tensors,
     dead_parameters,
+    gradient_differences,
     gradient_presence,
+    gradients,
     model_objective,
     shifted_batches,
     train_losses,
@@ -124,6 +126,11 @@ def _pass_check(context: Context, check: str) -> CheckResult:
     same_trainable = {n for n, p in spec.module.named_parameters() if p.requires_grad} == \
         {n for n, p in compiled.module.named_parameters() if p.requires_grad}
     if exact and same_trainable:
+        differing = gradient_differences(gradients(spec.module, context.objective, spec.args, spec.kwargs),
+                                         gradients(compiled.module, context.objective, spec.args, spec.kwargs))
+        if differing:
+            problems.append(f"{len(differing)} parameter gradient(s) differ from the original's: "
+                            f"{', '.join(differing[:3])}")
         curve = trajectory(spec.module, compiled.module, context.objective, spec.args, spec.kwargs)
         details["trajectory"] = {"reference": curve.reference, "candidate": curve.candidate, "max_rel": curve.max_rel}
         if not curve.ok:

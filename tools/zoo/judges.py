@@ -10,6 +10,9 @@ and returns what it found (empty: nothing wrong).
    buffers — training one would change the other, and a lifted constant would never train.
 3. ``trajectory``: the loss over a few AdamW steps (same seed, same batches) of a copy of the original
    and of the compiled module; for exact passes they must agree to round-off.
+4. ``gradient_differences``: one backward of each (seed 0); for exact passes each parameter's gradient must
+   equal the original's to round-off. A small, consistent gradient error (a custom backward the graph lost)
+   moves five loss values by less than the trajectory's tolerance but trains a different model.
 """
 
 from __future__ import annotations
@@ -47,12 +50,8 @@ def model_objective(loss_fn: Callable[..., torch.Tensor] | None = None) -> Objec
 def gradient_presence(module: torch.nn.Module, objective: Objective, args: tuple, kwargs: dict) -> dict[str, bool]:
     """For each trainable parameter (by name): whether one backward of the objective gives it a gradient.
     Gradients are cleared before and after (set to None)."""
-    module.zero_grad(set_to_none=True)
-    torch.manual_seed(0)
-    objective(module, args, kwargs).backward()
-    presence = {name: p.grad is not None for name, p in module.named_parameters() if p.requires_grad}
-    module.zero_grad(set_to_none=True)
-    return presence
+    grads = gradients(module, objective, args, kwargs)
+    return {name: name in grads for name, p in module.named_parameters() if p.requires_grad}
 
 
 @dataclass
@@ -171,6 +170,40 @@ def _train_restored(module: torch.nn.Module, objective: Objective, batches: list
         with torch.no_grad():
             module.load_state_dict(saved)
         module.zero_grad(set_to_none=True)
+
+
+GRADIENT_RTOL = 1e-4  # of each gradient's scale, floored at GRADIENT_FLOOR of the largest gradient
+GRADIENT_FLOOR = 1e-3
+
+
+def gradients(module: torch.nn.Module, objective: Objective, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """Each trainable parameter's gradient (by name) from one backward of the objective at seed 0, as float32
+    copies. Gradients are cleared before and after."""
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    objective(module, args, kwargs).backward()
+    grads = {name: p.grad.detach().float().clone() for name, p in module.named_parameters()
+             if p.requires_grad and p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return grads
+
+
+def gradient_differences(original: dict[str, torch.Tensor], compiled: dict[str, torch.Tensor]) -> list[str]:
+    """The parameters (present on both sides) whose compiled gradient differs from the original's by more
+    than ``GRADIENT_RTOL`` of its scale (the largest |g|, floored at ``GRADIENT_FLOOR`` of the largest gradient
+    of all, so round-off on a gradient that is zero in exact arithmetic is not a difference), each as
+    ``name (rel X)``, largest first."""
+    top = max((float(g.abs().max()) for g in original.values() if g.numel()), default=0.0)
+    found = []
+    for name, reference in original.items():
+        candidate = compiled.get(name)
+        if candidate is None or candidate.shape != reference.shape or not reference.numel():
+            continue
+        scale = max(float(reference.abs().max()), GRADIENT_FLOOR * top, 1e-12)
+        rel = float((candidate - reference).abs().max()) / scale
+        if not math.isfinite(rel) or rel > GRADIENT_RTOL:
+            found.append((rel, name))
+    return [f"{name} (rel {rel:.2g})" for rel, name in sorted(found, reverse=True)]
 
 
 def trajectory(original: torch.nn.Module, compiled: torch.nn.Module, objective: Objective, args: tuple,
