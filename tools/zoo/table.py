@@ -102,7 +102,8 @@ def conformance_markdown(rows: list[dict[str, Any]]) -> str:
            "(`tools/zoo/shrink.py`), built by effcompile's `hf:` spec code, and run through each check; the "
            "judges of a silently wrong result are: trainable parameters without a gradient (where the original's "
            "have one), tensors aliasing the original model's, and — for exact passes that keep the trainable set — "
-           "the loss over 5 AdamW steps against the original's (relative 1e-4); the ONNX check trains 3 steps in "
+           "each parameter's gradient against the original model's (relative 1e-4 of its scale) and the loss over "
+           "5 AdamW steps against the original's (relative 1e-4); the ONNX check trains 3 steps in "
            "ONNX Runtime against PyTorch (relative 1e-3).", "",
            f"Options used: {', '.join(f'`{p}.{k}={v}`' for p, o in OPTIONS.items() for k, v in o.items())}; "
            "otherwise every pass's defaults.", "", "Commands that made these results:", ""]
