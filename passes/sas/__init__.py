@@ -58,6 +58,12 @@ class _Accepted:
     cross: str | None
 
 
+def _rank(node: object) -> int | None:
+    """The number of dimensions of the tensor a graph node computes, when the graph records it."""
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
 @register
 class StructuredAttentionSparsity(Pass):
     """Make attention sparse with token-exact per-head patterns (fixed or importance-learned) computed by tiles."""
@@ -144,6 +150,11 @@ class StructuredAttentionSparsity(Pass):
         plans: list[SitePlan] = []
         skipped: list[dict[str, str]] = []
         for site in sites:
+            rank = _rank(site.query)
+            if rank not in (None, 4):  # Hiera's windowed attention: [batch, heads, windows, length, head_dim]
+                skipped.append({"path": site.path, "reason": f"its query has {rank} dimensions, not [batch, heads, "
+                                                             "length, head_dim]: left dense"})
+                continue
             plan = plan_site(site)
             if isinstance(plan, str):
                 skipped.append({"path": site.path, "reason": plan})

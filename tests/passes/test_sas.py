@@ -461,3 +461,23 @@ def test_projection_source_skips_norm_weights():
     query, key_t = matmul.args
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     assert projection_source(query, linears) is x and projection_source(key_t, linears) is x
+
+
+class _WindowedAttention(torch.nn.Module):
+    """Hiera's layout: attention over [batch, heads, windows, length, head_dim]."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x):  # x: [batch, windows, length, 8]
+        q, k, v = self.qkv(x).view(*x.shape[:3], 3, 2, 4).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).sum()
+
+
+def test_attention_of_another_rank_is_left_dense_with_the_reason():
+    model = type("Windowed", (_WindowedAttention,), {"__module__": "transformers.fake"})()  # exported
+    result = effcompile.compile(model, (torch.randn(2, 3, 16, 8),), passes=["sas"],
+                                options={"sas": {"block_size": 8, "window": 8}}, loss_fn=lambda out, x: out)
+    record = result.report.records[0]
+    assert not record.changed and "query has 5 dimensions" in record.reason
