@@ -103,7 +103,7 @@ class Amp(Pass):
         float8_min_dim: int = field(default=2048, metadata={
             "help": "dtype=float8: linears with min(in, out) below this stay bf16 (float8 loses on small GEMMs)"})
         keep_fp32: tuple[str, ...] = field(default=DEFAULT_KEEP_FP32, metadata={
-            "help": "op classes (softmax, norm, reduction, loss, exp_log_pow, cumulative) or op names kept "
+            "help": "op classes (softmax, norm, reduction, loss, exp_log_pow, cumulative, fft) or op names kept "
                     "in float32; 'none' for no class"})
         cast_params: Literal["per_step", "once"] = field(default="per_step", metadata={
             "help": "per_step: float32 weights cast where used each forward; once: a low-precision copy "

@@ -6,7 +6,7 @@ rewritten graph computes what the same model computes under autocast:
 * *low*: matmul-like ops and attention kernels (linear, addmm, mm, bmm, matmul, baddbmm, conv,
   scaled_dot_product_attention, einsum) — every floating input is cast to the low dtype;
 * *keep_fp32* classes: their low-precision inputs are cast back to float32 (``softmax``, ``norm``,
-  ``reduction``, ``loss``, ``exp_log_pow``, ``cumulative``);
+  ``reduction``, ``loss``, ``exp_log_pow``, ``cumulative``, ``fft``);
 * *promote*: ops that need one dtype for all their tensor inputs (``cat``, ``addcmul``,
   ``index_put``...) — mixed inputs are cast to the widest;
 * everything else runs in the dtype of its inputs, with PyTorch's type promotion (a bfloat16 matmul
@@ -48,6 +48,10 @@ KEEP_FP32_CLASSES: dict[str, frozenset[str]] = {
     "exp_log_pow": frozenset({"exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "pow", "float_power",
                               "reciprocal", "rsqrt", "softplus", "acos", "asin", "cosh", "sinh", "tan", "erfinv"}),
     "cumulative": frozenset({"cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"}),
+    # autocast's fp32 list has the FFTs; PyTorch's CPU FFT has no bfloat16 kernel at all (FNet's token mixing).
+    "fft": frozenset({"fft_fft", "fft_ifft", "fft_fft2", "fft_ifft2", "fft_fftn", "fft_ifftn", "fft_rfft", "fft_irfft",
+                      "fft_rfft2", "fft_irfft2", "fft_rfftn", "fft_irfftn", "fft_hfft", "fft_ihfft", "fft_hfftn",
+                      "fft_ihfftn", "_fft_r2c", "_fft_c2c", "_fft_c2r", "stft", "istft"}),
 }
 DEFAULT_KEEP_FP32 = tuple(KEEP_FP32_CLASSES)
 

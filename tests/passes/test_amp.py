@@ -353,3 +353,22 @@ def test_float8_choice_rule():
     assert not float8_gemm_choice(4100, 4096, False, False)[0]
     with pytest.raises(OptionError, match="float8_min_dim"):
         resolve_passes(["amp"], {"amp": {"float8_min_dim": 0}})
+
+
+class _FourierMixer(torch.nn.Module):
+    """FNet's token mixing: a linear, then a 2-D FFT's real part (no bfloat16 FFT kernel exists on CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.fft.fftn(self.linear(x), dim=(-2, -1)).real.square().mean()
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_ffts_stay_in_float32(exported):
+    model = type("Mixer", (_FourierMixer,), {"__module__": "transformers.fake"})() if exported else _FourierMixer()
+    result = effcompile.compile(model, (torch.randn(2, 4, 8),), passes=["amp"], loss_fn=lambda out, x: out)
+    record = result.report.records[0]
+    assert record.changed and record.verify.ok
