@@ -149,6 +149,13 @@ def test_dead_parameters_are_caught_and_dead_in_both_listed_apart():
     healthy = ClosureBlock()
     presence = judges.gradient_presence(healthy, _objective, args, kwargs)
     assert judges.dead_parameters(presence, presence).dead == []
+    # lowrank's factors of an unused pooler never train, as the pooler did not: dead in both. An adapter
+    # that gets no gradient on a layer that trained is dead.
+    original = {"pooler.dense.weight": False, "pooler.dense.bias": False, "q.weight": True}
+    compiled = {"pooler.dense.down.weight": False, "pooler.dense.up.weight": False, "q.lora_A.weight": False}
+    found = judges.dead_parameters(original, compiled)
+    assert found.dead_in_both == ["pooler.dense.down.weight", "pooler.dense.up.weight"]
+    assert found.dead == ["q.lora_A.weight"]
 
 
 def test_constants_aliasing_the_original_are_caught():

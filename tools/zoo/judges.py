@@ -64,16 +64,31 @@ class DeadParameters:
 
 
 def dead_parameters(original: dict[str, bool], compiled: dict[str, bool]) -> DeadParameters:
-    """Compare two ``gradient_presence`` maps (original model, compiled module)."""
+    """Compare two ``gradient_presence`` maps (original model, compiled module). A new parameter inside a
+    module whose original parameters all got no gradient (``lowrank``'s factors ``dense.down.weight`` of an
+    unused pooler's ``dense.weight``) is dead in both: the layer it replaces never trained either."""
     result = DeadParameters()
     for name, has_grad in compiled.items():
         if has_grad:
             continue
-        if original.get(name) is False:
+        if original.get(name) is False or (name not in original and _replaces_dead(name, original)):
             result.dead_in_both.append(name)
         else:
             result.dead.append(name)
     return result
+
+
+def _replaces_dead(name: str, original: dict[str, bool]) -> bool:
+    """Whether the innermost module above ``name`` that held original parameters held only ones without a
+    gradient."""
+    parts = name.split(".")[:-1]
+    while parts:
+        prefix = ".".join(parts) + "."
+        held = [has for key, has in original.items() if key.startswith(prefix) and "." not in key[len(prefix):]]
+        if held:
+            return not any(held)
+        parts.pop()
+    return False
 
 
 def _storages(module: torch.nn.Module) -> dict[int, str]:
