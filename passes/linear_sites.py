@@ -150,11 +150,18 @@ def install_site(gm: torch.fx.GraphModule, site: LinearSite, module: torch.nn.Mo
                 module.add_module(name, child)
     set_submodule(gm, site.path, module)
     graph = gm.graph
+    # Sites are found before any is replaced: one whose input was an earlier site (Kimi's forget gate: a
+    # linear into a linear) still names that site's erased node; read the node that replaced it.
+    replaced: dict[torch.fx.Node, torch.fx.Node] = gm.meta.setdefault("replaced_sites", {})
+    source = site.input
+    while isinstance(source, torch.fx.Node) and source in replaced:
+        source = replaced[source]
     with graph.inserting_before(site.node):
-        node = graph.call_module(site.path, (site.input,))
+        node = graph.call_module(site.path, (source,))
     node.meta.update({k: v for k, v in site.node.meta.items()})
     site.node.replace_all_uses_with(node)
     graph.erase_node(site.node)
+    replaced[site.node] = node
     return node
 
 

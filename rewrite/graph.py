@@ -18,7 +18,9 @@ def finalize(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Submodules are kept even when no node reads them any more: they may own a tied parameter under its
     original name (GPT-2's ``transformer.wte.weight`` is read through ``lm_head.weight``), and the state
     dict must keep that name for checkpoints, PEFT and Hugging Face. A pass that replaces a module
-    removes the old one itself."""
+    removes the old one itself. Per-rewrite bookkeeping a pass left in ``gm.meta`` (``replaced_sites``, the
+    nodes replaced by ``passes.linear_sites.install_site``) is dropped."""
+    gm.meta.pop("replaced_sites", None)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import effcompile
 from effcompile.capture import capture
 from effcompile.errors import OptionError, PassError
 from effcompile.pass_manager import PassManager, resolve_passes
@@ -155,3 +156,24 @@ def test_mixture_of_experts_routers_are_left_out_of_all():
     # named explicitly, a router is the user's choice
     out, _ = run(program, {"rank": 4, "min_saving": -10.0, "targets": ("gate",)}, verify=False)
     assert any(path.endswith("mlp.gate") for path in factorised(out.gm))
+
+
+class _ChainedLinears(torch.nn.Module):
+    """Kimi Linear's forget gate: a linear straight into another linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False), torch.nn.Linear(64, 64))
+
+    def forward(self, x):
+        return self.gate(x).square().mean()
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_a_linear_straight_into_another_is_factorised_with_it(exported):
+    cls = type("Chained", (_ChainedLinears,), {"__module__": "transformers.fake"}) if exported else _ChainedLinears
+    result = effcompile.compile(cls(), (torch.randn(4, 64),), passes=["lowrank"], options={"lowrank": {"rank": 8}},
+                                loss_fn=lambda out, x: out)
+    record = result.report.records[0]
+    assert record.changed and record.stats["layers_factorised"] == 2 and record.verify.ok
+    assert "replaced_sites" not in result.module.meta
