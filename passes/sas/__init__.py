@@ -151,7 +151,8 @@ class StructuredAttentionSparsity(Pass):
         skipped: list[dict[str, str]] = []
         for site in sites:
             rank = _rank(site.query)
-            if rank not in (None, 4):  # Hiera's windowed attention: [batch, heads, windows, length, head_dim]
+            if rank is not None and rank > 4:  # Hiera's windowed attention: [batch, heads, windows, length, dim]
+                # (rank 3 is heads folded into the batch, DeBERTa's bmm form, which sas handles)
                 skipped.append({"path": site.path, "reason": f"its query has {rank} dimensions, not [batch, heads, "
                                                              "length, head_dim]: left dense"})
                 continue
