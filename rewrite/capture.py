@@ -5,25 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import gc
-import importlib.util
 import io
 import logging
-import pkgutil
 import re
-import sysconfig
 import traceback
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
 from .canonical import causal_sdpa, loss_boundary, uncast_outputs
+from .data_branches import export_specialised, is_data_dependent, routed_shape_log
 from .errors import CaptureError
-from .graph import bounded_walk, get_attr_value, parent_module
+from .graph import get_attr_value, parent_module
+from .locate import error_line, model_frame
 from .program import Program
 from .spec import ModelSpec
 
@@ -57,7 +53,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
         computed = [f"{name}.{key}" if name else key for name, sub in spec.module.named_modules()
                     for key, value in vars(sub).items() if isinstance(value, torch.Tensor) and not value.is_leaf]
         what = (f"the tensor attribute {', '.join(computed[:3])} is computed from parameters (not a leaf), which "
-                "deepcopy refuses" if computed else _where(error))
+                "deepcopy refuses" if computed else error_line(error))
         raise CaptureError(f"cannot copy {spec.name} for capture: {what}; register it as a buffer or compute "
                            "it in forward") from error
     module.train(spec.module.training)
@@ -69,7 +65,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
             return Program(gm, spec.args, dict(spec.kwargs), spec.loss_fn, "symbolic_trace", spec.name,
                            {"fallback_reason": None})
         except Exception as error:  # symbolic tracing fails in many ways; export gets its turn
-            failures.append(f"symbolic_trace: {_where(error)}")
+            failures.append(f"symbolic_trace: {error_line(error)}")
             log.info("symbolic_trace failed, trying torch.export: %s", error)
             if path == "symbolic_trace":
                 raise CaptureError(f"cannot capture {spec.name}: {failures[0]}; try --capture export") from error
@@ -81,7 +77,7 @@ def capture(spec: ModelSpec, path: str = "auto", dynamic_batch: bool = True, can
     try:
         gm = _export(module, spec, dynamic_batch)
     except Exception as error:
-        detail = "; ".join(failures + [f"torch.export: {_where(error)}"])
+        detail = "; ".join(failures + [f"torch.export: {error_line(error)}"])
         raise CaptureError(f"cannot capture {spec.name}: {detail}; {_capture_fix(spec.module)}") from error
     _refuse_vmapped_indexing(gm, spec)
     repoint_aliases(gm, module, spec.module)
@@ -191,17 +187,11 @@ def _symbolic_trace(module: torch.nn.Module, spec: ModelSpec) -> torch.fx.GraphM
 
 def _export(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool = True) -> torch.fx.GraphModule:
     # torch.export writes graph dumps straight to stderr when it gives up; the error we raise says it all.
+    # Its shape environment also warns on its own stderr handler ("Unable to find user code ...").
     if log.isEnabledFor(logging.DEBUG):
         return _export_loud(module, spec, dynamic_batch)
-    # Its shape environment also warns on its own stderr handler ("Unable to find user code ...").
-    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    handlers, propagate = shapes_log.handlers[:], shapes_log.propagate
-    shapes_log.handlers, shapes_log.propagate = [], False
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            return _export_loud(module, spec, dynamic_batch)
-    finally:
-        shapes_log.handlers, shapes_log.propagate = handlers, propagate
+    with routed_shape_log(), contextlib.redirect_stderr(io.StringIO()):
+        return _export_loud(module, spec, dynamic_batch)
 
 
 @contextlib.contextmanager
@@ -241,7 +231,7 @@ def _custom_functions(found: dict[str, str]) -> Any:
 
     def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
         if cls.backward is not function.backward and not cls.__module__.startswith("torch."):
-            found.setdefault(cls.__qualname__, _model_frame(traceback.extract_stack()[:-1], innermost=True))
+            found.setdefault(cls.__qualname__, model_frame(traceback.extract_stack()[:-1], innermost=True))
         return original.__func__(cls, *args, **kwargs)
 
     function.apply = classmethod(apply)  # type: ignore[method-assign, assignment]
@@ -274,7 +264,7 @@ def _check_custom_backwards(program: Program, spec: ModelSpec) -> None:
         result = compare(reference, program, exact=True)
         why = "" if result.ok else f"its gradients differ from the model's ({'; '.join(result.failures)[:200]})"
     except Exception as error:  # the differentiated forward can fail (SEW-D's XSoftmax fills its output in place)
-        why = f"that fails ({_where(error)})"
+        why = f"that fails ({error_line(error)})"
     if why:
         raise CaptureError(f"cannot capture {spec.name}: it applies the custom autograd.Function {named}, whose own "
                            f"backward torch.export does not keep; the graph differentiates its forward instead and "
@@ -287,123 +277,14 @@ def _export_or_specialise(module: torch.nn.Module, spec: ModelSpec, dynamic_batc
     try:
         return _export_once(module, spec, dynamic_batch)
     except Exception as error:
-        if not _is_data_dependent(error):
+        if not is_data_dependent(error):
             raise
         log.info("export hit a data-dependent branch (%s); exporting specialised on the example's data", error)
         try:
-            return _export_specialised(module, spec, dynamic_batch)
+            return export_specialised(lambda: _export_once(module, spec, dynamic_batch), spec.name)
         except Exception as second:
             log.info("the specialised export failed too: %s", second)
             raise error from None  # the first error names the model's own branch
-
-
-def _is_data_dependent(error: BaseException) -> bool:
-    """Whether export stopped at Python control flow on a tensor's value (``if mask.any():``)."""
-    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
-
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, GuardOnDataDependentSymNode):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-DATA_BRANCH_CHECK = "effcompile: this input takes a different branch on a tensor's value"
-
-
-def is_data_branch_check(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is a runtime assertion holding a graph captured specialised on its example's data
-    (see ``_export_specialised``) to a branch that example took: passes must keep it."""
-    return (node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default
-            and len(node.args) > 1 and isinstance(node.args[1], str) and node.args[1].startswith(DATA_BRANCH_CHECK))
-
-
-def data_branch_checks(gm: torch.fx.GraphModule) -> list[str]:
-    """The messages of the data-branch checks (``is_data_branch_check``) in ``gm`` and its nested graphs."""
-    return [node.args[1] for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
-            for node in module.graph.nodes if is_data_branch_check(node)]
-
-
-class _BranchLog(logging.Handler):
-    """Collects the branches torch's shape environment decides from real example values (its
-    ``propagate_real_tensors`` records), each with the model's own source line that took it."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.branches: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not str(record.msg).startswith("propagate_real_tensors"):
-            return
-        where = _model_frame(traceback.extract_stack()[:-1], innermost=True) or " in the model"
-        args = record.args if isinstance(record.args, tuple) else ()
-        what = f"{args[0]} is {args[1]}" if len(args) == 2 else record.getMessage()
-        entry = f"{where.strip()} ({what})"
-        if entry not in self.branches:
-            self.branches.append(entry)
-
-
-def _export_specialised(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
-    """Export a model whose Python branches read tensor values (``if mask.any():``): torch propagates the
-    example's real values through the trace, takes each such branch as the example does, and inserts a
-    runtime assertion (``aten._assert_scalar``) that the branch goes the same way. The graph is exact for
-    inputs that take the example's branches and raises for any other input; it never computes the wrong
-    branch. The branches taken are ``gm.meta["data_branches"]``."""
-    import torch._functorch.config as functorch_config
-
-    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    branches = _BranchLog()
-    # torch logs each decision as a warning on its own stderr handler: we collect and report them ourselves.
-    saved = shapes_log.handlers[:], shapes_log.propagate, shapes_log.level, logging.root.manager.disable
-    shapes_log.handlers, shapes_log.propagate = [branches], False
-    # The CLI quiets torch's loggers and the zoo disables warnings: these records must still be made.
-    shapes_log.setLevel(logging.WARNING)
-    logging.disable(logging.NOTSET)
-    try:
-        with functorch_config.patch(fake_tensor_propagate_real_tensors=True):
-            gm = _export_once(module, spec, dynamic_batch)
-    finally:
-        shapes_log.handlers, shapes_log.propagate = saved[0], saved[1]
-        shapes_log.setLevel(saved[2])
-        logging.disable(saved[3])
-    asserts = [n for sub in gm.modules() if isinstance(sub, torch.fx.GraphModule) for n in sub.graph.nodes
-               if n.op == "call_function" and n.target is torch.ops.aten._assert_scalar.default and _on_data(n)]
-    if not branches.branches or not asserts:  # nothing to hold the graph to its example's branches
-        raise CaptureError("export specialised on data without a runtime check")
-    if any(_depends_on_random(node) for node in asserts):
-        # A random branch (layerdrop: `if torch.rand([]) < p`) would fail its check at random steps: refuse.
-        raise CaptureError("a branch on a random draw cannot be specialised")
-    gm.meta["data_branches"] = branches.branches
-    message = (f"{DATA_BRANCH_CHECK} than the example {spec.name} was captured with "
-               f"({'; '.join(branches.branches)[:400]}); capture it with an example like this input")
-    for node in asserts:
-        node.args = (node.args[0], message)
-    for sub in gm.modules():
-        if isinstance(sub, torch.fx.GraphModule):
-            sub.recompile()
-    return gm
-
-
-def _on_data(assertion: torch.fx.Node) -> bool:
-    """Whether a runtime assertion checks, at any distance, a value read from a tensor's data (``.item()``,
-    ``.any()`` in an ``if``, a ``nonzero`` size: an unbacked symbol), not a shape."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    reads = (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
-    for node in _ancestors(assertion):
-        value = node.meta.get("val")
-        if node.target in reads or (isinstance(value, (torch.SymInt, torch.SymBool, torch.SymFloat))
-                                    and free_unbacked_symbols(value)):
-            return True
-    return False
-
-
-def _ancestors(node: torch.fx.Node) -> Iterator[torch.fx.Node]:
-    """Every node ``node`` reads, at any distance."""
-    return bounded_walk(node, lambda n: n.all_input_nodes, len(node.graph.nodes))
 
 
 def _refuse_vmapped_indexing(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
@@ -424,12 +305,6 @@ def _refuse_vmapped_indexing(gm: torch.fx.GraphModule, spec: ModelSpec) -> None:
                                "(a mask built by vmapping a mask function), which torch.export records as a call "
                                "that leaks vmap's batched tensors when replayed; build that mask without vmap "
                                "(an index-based mask function) or pass the model a ready 4-D attention mask")
-
-
-def _depends_on_random(node: torch.fx.Node) -> bool:
-    """Whether ``node`` reads, at any distance, the result of a random op (ATen's ``nondeterministic_seeded``)."""
-    return any(torch.Tag.nondeterministic_seeded in (getattr(n.target, "tags", ()) if n.op == "call_function" else ())
-               for n in _ancestors(node))
 
 
 def _export_once(module: torch.nn.Module, spec: ModelSpec, dynamic_batch: bool) -> torch.fx.GraphModule:
@@ -524,53 +399,6 @@ def _assert_same(expected: Any, got: Any) -> None:
     for e, g in zip(expected_leaves, got_leaves):
         if isinstance(e, torch.Tensor):
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
-
-
-@functools.cache
-def _package_dirs() -> tuple[str, ...]:
-    """effcompile's own source folders (the package's and each sub-package's, wherever the installation maps
-    them; as found and resolved), so that an error's location can skip them and name the user's line."""
-    import effcompile
-
-    folders = [Path(p) for p in effcompile.__path__]
-    for module in pkgutil.iter_modules(effcompile.__path__):
-        if module.ispkg:
-            spec = importlib.util.find_spec(f"{effcompile.__name__}.{module.name}")
-            if spec is not None:
-                folders.extend(Path(p) for p in spec.submodule_search_locations or [])
-    return tuple(sorted({str(f) + "/" for folder in folders for f in (folder, folder.resolve())}))
-
-
-# Libraries whose frames are the tracer's, not the model's: an error's location skips them.
-_TRACER_PACKAGES = ("torch/", "functorch/", "torchgen/", "sympy/", "_pytest/", "pluggy/")
-
-
-def _where(error: BaseException) -> str:
-    """One line: the exception and where it came from — the innermost frame of the user's own files, else
-    of the library that holds the model (``transformers/models/blt/modeling_blt.py:123``), never effcompile's
-    or the tracer's (torch) frames."""
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"{type(error).__name__}: {message[:160]}{_model_frame(traceback.extract_tb(error.__traceback__))}"
-
-
-def _model_frame(frames: traceback.StackSummary | list[traceback.FrameSummary], innermost: bool = False) -> str:
-    """`` at FILE:LINE`` of the innermost frame of the user's own files, else of the library that holds the
-    model (``innermost``: of either, whichever is deeper); "" when every frame is effcompile's, the standard
-    library's or the tracer's."""
-    own = _package_dirs() + (sysconfig.get_paths()["stdlib"] + "/",)
-    frames = [f for f in frames if not f.filename.startswith("<")
-              and not f.filename.startswith(own) and not str(Path(f.filename).resolve()).startswith(own)]
-    user = [f for f in frames if "site-packages/" not in f.filename]
-    library = [f for f in frames if "site-packages/" in f.filename
-               and not f.filename.split("site-packages/", 1)[1].startswith(_TRACER_PACKAGES)]
-    if innermost and user and library:
-        deepest = max(user[-1], library[-1], key=lambda f: frames.index(f))
-        user, library = ([deepest], []) if deepest is user[-1] else ([], [deepest])
-    if user:
-        return f" at {user[-1].filename}:{user[-1].lineno}"
-    if library:
-        return f" at {library[-1].filename.split('site-packages/', 1)[1]}:{library[-1].lineno}"
-    return ""
 
 
 def _capture_fix(module: torch.nn.Module) -> str:

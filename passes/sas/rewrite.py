@@ -24,7 +24,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from effcompile.capture import is_data_branch_check
+from effcompile.data_branches import is_data_branch_check
 from effcompile.export.registry import serializable
 from effcompile.graph import get_attr_value, reads_only_shape, set_submodule
 from effcompile.patterns import ASSERTION_OPS, TRANSPOSE_OPS, VIEW_OPS, AttentionSite, LinearSite, is_softmax

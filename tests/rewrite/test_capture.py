@@ -260,7 +260,7 @@ class _PaddedGPT(torch.nn.Module):
 
 @pytest.mark.parametrize("passes", [["lora", "amp", "remat"], ["sas"], ["lowrank"], ["pipeline"]])
 def test_every_pass_keeps_the_data_branch_checks(passes):
-    from effcompile.capture import data_branch_checks
+    from effcompile.data_branches import data_branch_checks
 
     gpt = example_gpt_spec()
     ids = gpt.args[0].clamp(min=1)  # no pad id: the branch is not taken

@@ -48,7 +48,7 @@ def test_a_computed_tensor_attribute_is_named():
 def test_a_library_models_error_names_its_own_source_line():
     """Frames of effcompile and of the tracer (torch) are skipped; a model inside site-packages is named by
     its path under site-packages."""
-    from effcompile.capture import _where  # noqa: PLC2701 - the function under test
+    from effcompile.locate import error_line as _where
 
     site = "/venv/lib/python3.11/site-packages/"
     namespace: dict = {}

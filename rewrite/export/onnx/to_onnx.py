@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from ...capture import data_branch_checks
+from ...data_branches import data_branch_checks
 from ...errors import ExportError
 from ...graph import get_attr_value, module_path, op_name
 from ...patterns import TRANSPOSE_OPS, VIEW_OPS
